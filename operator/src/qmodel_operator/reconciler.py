@@ -1,0 +1,339 @@
+"""Observe -> decide -> act, one model at a time.
+
+Every trigger (the model changed, one of its Jobs, Deployments or its Service changed, the
+GPU classes changed, a periodic resync) only *kicks* the model: at most one reconcile of a
+model runs at a time, and kicks that arrive meanwhile fold into one more run afterwards. A
+reconcile reads the model fresh from the API server and its children from kopf's indexes
+(filled before any handler runs, so a restarted operator sees every existing Job), asks the
+pure ``lifecycle.decide`` for a plan, and carries it out through ``kube.KubeApi``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+import aiohttp
+from pydantic import ValidationError
+
+from qmodel_operator import conditions as cond
+from qmodel_operator import jobs, lifecycle
+from qmodel_operator import podspec as ps
+from qmodel_operator.gpu import GpuNode, gpu_classes
+from qmodel_operator.kube import ApiError, KubeApi
+from qmodel_operator.metrics import Metrics
+from qmodel_operator.observed import (
+    DeploymentState,
+    JobState,
+    Observed,
+    ServiceState,
+    pod_outcome,
+)
+from qmodel_operator.settings import Settings
+from qmodel_operator.spec import QuantizedModelSpec, QuantizedModelStatus
+
+log = logging.getLogger(__name__)
+Key = tuple[str, str]  # (namespace, name)
+# Retry delays after a failed reconcile: 1, 2, 4 ... capped at 60 s.
+MAX_BACKOFF_SECONDS = 60.0
+
+
+class Indexes(Protocol):
+    """The children the operator watches, summarized (kopf indexes in production)."""
+
+    def jobs(self, key: Key) -> Iterable[JobState]: ...
+    def deployments(self, key: Key) -> Iterable[DeploymentState]: ...
+    def services(self, key: Key) -> Iterable[ServiceState]: ...
+    def gpu_nodes(self) -> Iterable[GpuNode]: ...
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def observe(body: dict[str, Any], spec: QuantizedModelSpec, indexes: Indexes, now: str) -> Observed:
+    """The world as the decision sees it, from the model's body and the indexes (no I/O)."""
+    meta = body["metadata"]
+    ref = ps.ModelRef(meta["namespace"], meta["name"], meta["uid"])
+    key = (ref.namespace, ref.name)
+    try:
+        status = QuantizedModelStatus.model_validate(body.get("status") or {})
+    except ValidationError:
+        log.warning("%s/%s: unreadable status, starting from an empty one", *key)
+        status = QuantizedModelStatus()
+    children = [j for j in indexes.jobs(key)]
+    quantize = tuple(j for j in children if j.component == ps.COMPONENT_QUANTIZE and j.owner_uid == ref.uid)
+    cleanup_name = jobs.cleanup_job_name(ref)
+    service = [s for s in indexes.services(key) if s.owner_uid == ref.uid and s.name == ref.name]
+    return Observed(
+        ref=ref,
+        generation=meta.get("generation", 0),
+        deleting=bool(meta.get("deletionTimestamp")),
+        finalizers=tuple(meta.get("finalizers") or ()),
+        spec=spec,
+        status=status,
+        now=now,
+        jobs=quantize,
+        cleanup_job=next((j for j in children if j.name == cleanup_name), None),
+        deployments=tuple(d for d in indexes.deployments(key) if d.owner_uid == ref.uid),
+        service=service[0] if service else None,
+        gpu_nodes=tuple(indexes.gpu_nodes()),
+    )
+
+
+def invalid_spec_status(body: dict[str, Any], error: ValidationError, now: str) -> QuantizedModelStatus:
+    """A spec the CRD let through but the operator cannot use (an older CRD, say): say why."""
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    verdict = cond.Verdict(cond.READY, "False", "InvalidSpec", f"spec.{where}: {first['msg']}")
+    try:
+        old = QuantizedModelStatus.model_validate(body.get("status") or {})
+    except ValidationError:
+        old = QuantizedModelStatus()
+    generation = body["metadata"].get("generation", 0)
+    merged = cond.merge([c for c in old.conditions if c.type == cond.READY], [verdict], generation, now)
+    others = [c for c in old.conditions if c.type != cond.READY]
+    return old.model_copy(
+        update={"phase": "Failed", "observed_generation": generation, "conditions": others + merged}
+    )
+
+
+class Reconciler:
+    def __init__(
+        self,
+        api: KubeApi,
+        settings: Settings,
+        indexes: Indexes,
+        metrics: Metrics,
+        clock: Callable[[], str] = utc_now,
+    ) -> None:
+        self.api = api
+        self.settings = settings
+        self.indexes = indexes
+        self.metrics = metrics
+        self.clock = clock
+        # New and changed models (observedGeneration behind) get their own slots, so applying
+        # one never waits behind the steady work of hundreds of others.
+        self._slots = asyncio.Semaphore(settings.workers)
+        self._urgent_slots = asyncio.Semaphore(settings.workers)
+        # The newest body of each model we know of: from its watch events and our own writes'
+        # answers, so most reconciles need no GET (dropped on errors and resyncs: those GET).
+        self._bodies: dict[Key, dict[str, Any]] = {}
+        self._tasks: dict[Key, asyncio.Task[None]] = {}
+        self._again: set[Key] = set()
+        self._failures: dict[Key, int] = {}
+        self._known: set[Key] = set()
+        self._own_versions: dict[Key, str] = {}
+        self._gpu_signature: tuple[Any, ...] | None = None
+
+    # --- triggers --------------------------------------------------------------------------
+
+    def model_event(self, event_type: str | None, key: Key, body: dict[str, Any]) -> None:
+        if event_type == "DELETED":
+            self._known.discard(key)
+            self._own_versions.pop(key, None)
+            self._bodies.pop(key, None)
+            self.metrics.set_phase(key, None)
+            return
+        self._known.add(key)
+        self._remember(key, body)
+        version = (body.get("metadata") or {}).get("resourceVersion")
+        if version is not None and self._own_versions.get(key) == version:
+            return  # the echo of our own write: nothing new to see
+        self.kick(key)
+
+    def _remember(self, key: Key, body: dict[str, Any]) -> None:
+        """Keep the newer of two bodies. resourceVersions are opaque, but the API server's are
+        etcd revisions; anything unparsable simply replaces what we had."""
+        old = self._bodies.get(key)
+        try:
+            if old is not None and int(old["metadata"]["resourceVersion"]) > int(
+                body["metadata"]["resourceVersion"]
+            ):
+                return
+        except (KeyError, TypeError, ValueError):
+            pass
+        self._bodies[key] = body
+
+    def gpu_nodes_changed(self) -> None:
+        """Node events are frequent (heartbeats); only a change of GPU classes matters."""
+        signature = gpu_classes(self.indexes.gpu_nodes())
+        if signature == self._gpu_signature:
+            return
+        first = self._gpu_signature is None
+        self._gpu_signature = signature
+        if not first:
+            log.info("GPU classes changed: %s", ", ".join(c.name for c in signature) or "none")
+            for key in list(self._known):
+                self.kick(key)
+
+    def kick(self, key: Key) -> None:
+        task = self._tasks.get(key)
+        if task is not None and not task.done():
+            self._again.add(key)
+            return
+        self._tasks[key] = asyncio.get_running_loop().create_task(self._run(key), name=f"reconcile {key}")
+
+    async def resync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.resync_seconds)
+            for key in list(self._known):
+                self._bodies.pop(key, None)  # a resync reads the model afresh
+                self.kick(key)
+
+    async def close(self) -> None:
+        tasks = [t for t in self._tasks.values() if not t.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def idle(self) -> None:
+        """Wait until no reconcile runs (for tests and orderly shutdown)."""
+        while any(not t.done() for t in self._tasks.values()):
+            await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
+
+    # --- one model -------------------------------------------------------------------------
+
+    async def _run(self, key: Key) -> None:
+        while True:
+            self._again.discard(key)
+            started = time.monotonic()
+            try:
+                async with self._urgent_slots if self._urgent(key) else self._slots:
+                    await self.reconcile(key)
+            except ApiError as e:
+                if e.namespace_terminating:
+                    # The namespace is going, and the model with it: nothing left to converge.
+                    log.info("%s/%s: namespace is being deleted; not retrying (%s)", *key, e.message)
+                else:
+                    self._retry_later(key, f"ApiError {e}")
+            except (aiohttp.ClientError, TimeoutError) as e:
+                self._retry_later(key, f"{type(e).__name__}: {e}")
+            except Exception:  # a bug in one model's reconcile must not stop its retries
+                log.exception("%s/%s: reconcile failed", *key)
+                self._retry_later(key, "unexpected error")
+            else:
+                self._failures.pop(key, None)
+                self.metrics.reconciles.labels("ok").inc()
+            self.metrics.reconcile_seconds.observe(time.monotonic() - started)
+            if key not in self._again:
+                return
+
+    def _urgent(self, key: Key) -> bool:
+        body = self._bodies.get(key)
+        if body is None:
+            return False
+        status = body.get("status") or {}
+        return status.get("observedGeneration") != body["metadata"].get("generation")
+
+    def _retry_later(self, key: Key, why: str) -> None:
+        self._bodies.pop(key, None)  # the retry reads the model afresh
+        self.metrics.reconciles.labels("error").inc()
+        failures = self._failures[key] = self._failures.get(key, 0) + 1
+        delay = min(2.0 ** (failures - 1), MAX_BACKOFF_SECONDS)
+        log.warning("%s/%s: reconcile failed (%s); retrying in %.0f s", *key, why, delay)
+        asyncio.get_running_loop().call_later(delay, self.kick, key)
+
+    async def reconcile(self, key: Key) -> None:
+        namespace, name = key
+        body = self._bodies.get(key)
+        if body is None:
+            body = await self.api.get(ps.API_VERSION, ps.KIND, namespace, name)
+            if body is None:
+                self.metrics.set_phase(key, None)
+                return
+            self._remember(key, body)
+        now = self.clock()
+        try:
+            spec = QuantizedModelSpec.model_validate(body.get("spec") or {})
+        except ValidationError as e:
+            await self._write_status(key, body, invalid_spec_status(body, e, now))
+            return
+        observed = observe(body, spec, self.indexes, now)
+        if observed.deleting and lifecycle.FINALIZER in observed.finalizers:
+            observed = replace(observed, namespace_terminating=await self._namespace_terminating(namespace))
+        job = lifecycle.outcome_needed(observed)
+        if job is not None:
+            pods = await self.api.list("v1", "Pod", namespace, f"batch.kubernetes.io/job-name={job.name}")
+            container = jobs.CLEANUP_CONTAINER if observed.deleting else jobs.QUANTIZE_CONTAINER
+            observed = replace(observed, pod=pod_outcome(pods, container, job.complete))
+        plan = lifecycle.decide(observed, self.settings)
+        await self._act(key, body, observed, plan)
+
+    async def _act(self, key: Key, body: dict[str, Any], observed: Observed, plan: lifecycle.Plan) -> None:
+        namespace, name = key
+        version = body["metadata"]["resourceVersion"]
+        if plan.add_finalizer:
+            finalizers = [*observed.finalizers, lifecycle.FINALIZER]
+            version = await self._set_finalizers(key, finalizers, version)
+        for manifest in plan.create:
+            if await self.api.create(manifest):
+                log.info(
+                    "%s/%s: created %s %s", namespace, name, manifest["kind"], manifest["metadata"]["name"]
+                )
+        for manifest in plan.apply:
+            await self.api.apply(manifest)
+            log.info("%s/%s: applied %s %s", namespace, name, manifest["kind"], manifest["metadata"]["name"])
+        for ref in plan.delete:
+            await self.api.delete(ref.api_version, ref.kind, namespace, ref.name)
+            log.info("%s/%s: deleted %s %s", namespace, name, ref.kind, ref.name)
+        if plan.status is not None:
+            version = await self._write_status(key, body, plan.status) or version
+        await self._post_events(observed, plan.events)
+        if plan.remove_finalizer:  # last: once released, a deleting model is gone
+            finalizers = [f for f in observed.finalizers if f != lifecycle.FINALIZER]
+            await self._set_finalizers(key, finalizers, version)
+        if plan.status is not None:
+            self.metrics.set_phase(key, plan.status.phase)
+            self.metrics.count(plan.events, plan.status.quantization.seconds)
+
+    async def _namespace_terminating(self, namespace: str) -> bool:
+        ns = await self.api.request("GET", f"/api/v1/namespaces/{namespace}")
+        return bool(ns["metadata"].get("deletionTimestamp"))
+
+    async def _post_events(self, observed: Observed, events: Iterable[cond.Event]) -> None:
+        """Post the Events side by side (one reconcile may have three transitions)."""
+
+        async def post(event: cond.Event) -> None:
+            try:
+                await self.api.post_event(observed.ref, event.type, event.reason, event.message, observed.now)
+            except ApiError as e:
+                if not e.namespace_terminating:
+                    raise
+                # The namespace refuses new Events: the log is the only place left to say it.
+                ref = observed.ref
+                log.warning("%s/%s: %s: %s", ref.namespace, ref.name, event.reason, event.message)
+
+        await asyncio.gather(*(post(e) for e in events))
+
+    async def _set_finalizers(self, key: Key, finalizers: list[str], version: str) -> str:
+        updated = await self.api.set_finalizers(*key, finalizers, version)
+        self._remember(key, updated)
+        new_version = updated["metadata"]["resourceVersion"]
+        self._own_versions[key] = new_version
+        return new_version
+
+    async def _write_status(self, key: Key, body: dict[str, Any], status: QuantizedModelStatus) -> str | None:
+        """Write the status when it differs from what is stored; returns the new resourceVersion."""
+        new = status.to_body()
+        try:
+            old = QuantizedModelStatus.model_validate(body.get("status") or {}).to_body()
+        except ValidationError:
+            old = None
+        if new == old:
+            return None
+        try:
+            updated = await self.api.set_status(*key, new)
+        except ApiError as e:
+            if e.status == 404:
+                return None  # deleted meanwhile
+            raise
+        self._remember(key, updated)
+        version = updated["metadata"]["resourceVersion"]
+        self._own_versions[key] = version
+        return version
