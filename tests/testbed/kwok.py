@@ -8,8 +8,8 @@ label-selected stage makes a pod fail with a chosen exit code and message:
 - Job pods succeed; ``testbed.qmodel.dev/termination-message`` (annotation) becomes the
   container's termination message, so a test can fake a quantize Job's result.
 - Pods labelled ``testbed.qmodel.dev/fail: "true"`` fail; the annotations
-  ``testbed.qmodel.dev/exit-code`` (default 1) and ``testbed.qmodel.dev/termination-message``
-  set the exit code and message.
+  ``testbed.qmodel.dev/exit-code`` (default 1), ``testbed.qmodel.dev/termination-message`` and
+  ``testbed.qmodel.dev/reason`` (default Error; e.g. OOMKilled) set the exit code, message and reason.
 - ``testbed.qmodel.dev/run-seconds`` (annotation, e.g. "5s") delays completion or failure,
   so a test can watch the Running phase.
 """
@@ -22,6 +22,7 @@ from testbed import paths
 
 FAIL_LABEL = "testbed.qmodel.dev/fail"
 EXIT_CODE_ANNOTATION = "testbed.qmodel.dev/exit-code"
+REASON_ANNOTATION = "testbed.qmodel.dev/reason"
 MESSAGE_ANNOTATION = "testbed.qmodel.dev/termination-message"
 RUN_SECONDS_ANNOTATION = "testbed.qmodel.dev/run-seconds"
 KEPT_DEFAULT_STAGES = (
@@ -103,6 +104,7 @@ def testbed_stages() -> list[str]:
         _TERMINATED.format(exit_code=0, reason="Completed", message=MESSAGE_ANNOTATION, phase="Succeeded"),
     )
     exit_code = f'{{{{ or (index $ann "{EXIT_CODE_ANNOTATION}") "1" }}}}'
+    reason = f'{{{{ or (index $ann "{REASON_ANNOTATION}") "Error" }}}}'
     fail = _stage(
         "testbed-pod-fail",
         _RUNNING
@@ -111,7 +113,7 @@ def testbed_stages() -> list[str]:
       operator: 'In'
       values: ['true']
 """,
-        _TERMINATED.format(exit_code=exit_code, reason="Error", message=MESSAGE_ANNOTATION, phase="Failed"),
+        _TERMINATED.format(exit_code=exit_code, reason=reason, message=MESSAGE_ANNOTATION, phase="Failed"),
     )
     return [complete, fail]
 

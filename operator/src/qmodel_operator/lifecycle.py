@@ -110,8 +110,23 @@ def _failure(observed: Observed, job: JobState) -> str:
     """Why a Job failed: its pod's termination message, else the Job's own condition."""
     pod = observed.pod
     if pod is not None and pod.found:
-        return results.failure_reason(pod.message, pod.exit_code)
+        reason = results.failure_reason(pod.message, pod.exit_code)
+        note = results.kill_note(pod.exit_code, pod.reason)
+        if note is None:
+            return reason
+        # A killed container's "message" is at best its log's tail: the note says what happened.
+        return note if pod.message is None or not pod.message.strip() else f"{note}; last output: {reason}"
     return job.failure or "failed"
+
+
+def _job_failed_message(observed: Observed, job: JobState) -> str:
+    """Why the revision failed, after how many of the attempts spec.jobs.backoffLimit allows."""
+    attempts = f"{job.failed} attempt{'s' if job.failed != 1 else ''}"
+    limit = observed.spec.jobs.backoff_limit
+    return (
+        f"Job {job.name} failed after {attempts} (spec.jobs.backoffLimit {limit}): "
+        f"{_failure(observed, job)}; fix the cause and delete the Job to retry"
+    )
 
 
 def _record(observed: Observed, revision: str, job: JobState) -> _Quantize:
@@ -195,10 +210,7 @@ def _quantize(observed: Observed, revision: str, settings: Settings, budget: est
         return _Quantize("pending", pending, waiting, model=model, create=(manifest,))
     started = waiting.model_copy(update={"started_at": job.start_time})
     if job.failed_final:
-        message = (
-            f"Job {job.name} failed: {_failure(observed, job)}; fix the cause and delete the Job to retry"
-        )
-        verdict = cond.Verdict(cond.QUANTIZED, "False", "JobFailed", message)
+        verdict = cond.Verdict(cond.QUANTIZED, "False", "JobFailed", _job_failed_message(observed, job))
         return _Quantize("failed", verdict, started, model=model)
     if job.complete:
         return _record(observed, revision, job)

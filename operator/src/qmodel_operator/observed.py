@@ -75,6 +75,7 @@ class PodOutcome:
     found: bool
     message: str | None = None
     exit_code: int | None = None
+    reason: str | None = None  # the terminated state's reason: Completed, Error, OOMKilled
 
 
 def _meta(body: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -164,7 +165,9 @@ def pod_outcome(pods: list[Mapping[str, Any]], container: str, succeeded: bool) 
     if not finished:
         return PodOutcome(found=False)
     _, term = max(finished, key=lambda item: item[0])
-    return PodOutcome(found=True, message=term.get("message"), exit_code=term.get("exitCode"))
+    return PodOutcome(
+        found=True, message=term.get("message"), exit_code=term.get("exitCode"), reason=term.get("reason")
+    )
 
 
 @dataclass(frozen=True)

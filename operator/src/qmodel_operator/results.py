@@ -78,3 +78,26 @@ def failure_reason(message: str | None, exit_code: int | None = None) -> str:
     if len(reason) > MAX_REASON_CHARS:
         reason = reason[: MAX_REASON_CHARS - 3] + "..."
     return reason
+
+
+# 128 + SIGKILL: the kernel's out-of-memory killer, or the kubelet enforcing the memory limit.
+SIGKILL_EXIT = 137
+
+
+def kill_note(exit_code: int | None, reason: str | None) -> str | None:
+    """What a container killed for memory should tell its owner, or None for other exits.
+
+    The kubelet reports ``OOMKilled`` when the container hit its memory limit; an exit code of
+    137 without it is a SIGKILL from elsewhere (the node's OOM killer, an eviction), most often
+    still memory. Neither leaves a termination message of its own."""
+    if reason == "OOMKilled":
+        return (
+            "the container ran out of memory (OOMKilled, exit code 137); "
+            "raise spec.jobs.resources.limits.memory"
+        )
+    if exit_code == SIGKILL_EXIT:
+        return (
+            "the container was killed by SIGKILL (exit code 137), most often for memory; "
+            "raise spec.jobs.resources.limits.memory, or look for an eviction in the node's events"
+        )
+    return None
