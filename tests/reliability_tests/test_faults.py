@@ -1,20 +1,21 @@
-"""Faults: a quantize pod that crashes or is OOM-killed, an S3 server restarted mid-upload, a GPU
-node removed while serving.
+"""Faults: a quantize pod that crashes or is OOM-killed, an S3 server restarted mid-upload, an
+artifact corrupted in storage, a GPU node removed while serving.
 
-The Job and node faults run on a test bed of their own (``bed``: KWOK nodes only) with the real
-operator process; the S3 fault runs the artifact upload as the quantize Job does, as a process
-(``python -m qmodel_runtime.storage upload``), against a real versitygw that is killed and
-restarted under it. The runtime's refusal of a corrupted artifact is covered where it lives
-(tests/runtime_tests/test_loader_artifact.py, storage/test_storage_s3_faults.py).
+The Job, artifact and node faults run on a test bed of their own (``bed``: KWOK nodes, plus a
+process node for the one runtime pod that really runs) with the real operator process; the S3
+fault runs the artifact upload as the quantize Job does, as a process (``python -m
+qmodel_runtime.storage upload``), against a real versitygw that is killed and restarted under it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,18 +28,29 @@ from operator_tests.k8s_support import (
     wait_for,
     with_result,
 )
+from operator_tests.support import deployment, make_spec, observed, result_message, spec_body
 from operator_tests.support import job as job_state
-from operator_tests.support import make_spec, observed, spec_body
 from operator_tests.support import settings as operator_settings
-from reliability_tests.chaos_support import Bed, running_bed
+from reliability_tests.chaos_support import Bed, converged, running_bed
+from runtime_tests.storage.storage_support import flip_byte
 
-from qmodel_operator import lifecycle
+from qmodel_operator import lifecycle, podhealth
 from qmodel_operator.observed import PodOutcome
 from qmodel_operator.results import kill_note
+from qmodel_operator.spec import QuantizedModelSpec
 from qmodel_runtime import manifest as mf
-from qmodel_runtime.storage import NotFoundError, StorageSettings, download, revisions
+from qmodel_runtime.storage import (
+    NotFoundError,
+    StorageSettings,
+    download,
+    open_store,
+    parse_uri,
+    revisions,
+    upload,
+)
 from testbed.kwok import EXIT_CODE_ANNOTATION, REASON_ANNOTATION
 from testbed.nodes import A100_80GB, NodeSet
+from testbed.processnode.config import ProcessNodeConfig
 from testbed.s3server import S3Server, s3_bucket, s3_server  # noqa: F401  (fixtures)
 
 # A100s run the quantize Jobs; the "D" class (one GPU a node) serves, and loses a node.
@@ -190,17 +202,94 @@ def test_s3_restart_mid_upload_never_shows_a_partial_revision(
     s3_server.stop()
     assert second.poll() is None, "the upload finished before the restart: make the file larger"
     s3_server.start()
+    files = mf.load_manifest((folder / mf.MANIFEST_NAME).read_bytes())["files"]
     seen = []
-    while second.poll() is None:  # until the manifest lands, readers see no revision
-        seen.append(revisions(model, settings))
+    while second.poll() is None:  # what a reader sees meanwhile: nothing, then the whole revision
+        visible = bool(revisions(model, settings))
+        seen.append(visible)
+        if visible:
+            assert _stored_sizes(uri, settings) == {n: e["size"] for n, e in files.items()}
     out, err = second.communicate(timeout=120)
     assert second.returncode == 0, err
-    assert seen and all(r == [] for r in seen[:-1])
+    assert seen and not seen[0] and seen == sorted(seen), "hidden until complete, then visible"
     result = json.loads(out)
     assert result["manifestDigest"] == mf.digest((folder / mf.MANIFEST_NAME).read_bytes())
     assert [r.name for r in revisions(model, settings)] == ["r-fault"]
     got = download(uri, tmp_path / "cache", settings)
-    assert sorted(got.fetched) == sorted(mf.load_manifest((folder / mf.MANIFEST_NAME).read_bytes())["files"])
+    assert sorted(got.fetched) == sorted(files)
+
+
+def _stored_sizes(uri: str, settings: StorageSettings) -> dict[str, int]:
+    """The objects under a revision, by name (the manifest itself left out)."""
+    target = parse_uri(uri, settings.pvc_root)
+    infos = open_store(target, settings).list(target.key)
+    return {i.key[len(target.key) :]: i.size for i in infos if not i.key.endswith(mf.MANIFEST_NAME)}
+
+
+# --- (c) an artifact corrupted in storage: refused, pod not Ready, the Serving condition says why --
+
+CPU_GPU = "TESTBED-CPU-AS-GPU"  # a process node: the runtime pod really runs there
+
+
+@pytest.mark.k8s
+@pytest.mark.slow
+def test_corrupted_artifact_is_refused_and_serving_says_why(
+    bed: Bed,
+    s3_server: S3Server,  # noqa: F811
+    s3_bucket: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    models = bed.models(bed.namespace("fault-artifact"))
+    models.core.create_namespaced_secret(
+        models.ns, {"metadata": {"name": "artifacts-s3"}, "stringData": s3_server.env()}
+    )
+    spec = spec_body(
+        artifacts={"uri": f"s3://{s3_bucket}/qmodel/"},
+        serving={"gpu": {"products": [CPU_GPU]}, "maxModelLen": 1024, "maxBatchSize": 1},
+    )
+    rev = lifecycle.revision_of(QuantizedModelSpec.model_validate(spec))
+    uri = f"s3://{s3_bucket}/qmodel/rotten/{rev}/"
+    folder = tmp_path / "artifact"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}\n')
+    (folder / "model.safetensors").write_bytes(os.urandom(1 << 20))
+    _, digest = mf.write_manifest(folder, {"revision": rev})
+    upload(folder, uri, StorageSettings.from_env(s3_server.env()))
+    # Bit rot after publishing: same size, one byte different.
+    flip_byte(s3_server.object_path(s3_bucket, f"qmodel/rotten/{rev}/model.safetensors"), 4096)
+    artifact = {"uri": uri, "manifestDigest": digest, "sizeBytes": 1 << 20, "compressionRatio": 3.2}
+    jobs_gpu = {"products": [A100_80GB.gpu_product]}  # the Job "runs" on KWOK, the server for real
+    spec = with_result(spec, "rotten", gpu=jobs_gpu, extra={"artifact": artifact})
+    node = ProcessNodeConfig(
+        name="gpu-proc", pod_cidr="127.203.0.0/16", taint=False, gpu_taint=True, gpus=1, gpu_product=CPU_GPU
+    )
+    bed.cluster.start_process_node(node)
+    t0 = time.monotonic()
+    try:
+        models.create("rotten", spec)
+        # The runtime starts (imports torch), fetches, finds the object corrupt, exits with the reason;
+        # the operator reads it from the restarting pod's last state.
+        serving = wait_for(
+            lambda: (
+                f"{uri}model.safetensors" in (c := models.condition("rotten", "Serving")).get("message", "")
+                and c
+            ),
+            "the Serving condition to give the runtime's reason",
+            180,
+            bed.operator,
+        )
+        print(f"\napply -> the reason in Serving: {time.monotonic() - t0:.1f} s: {serving['message']}")
+        (pod,) = _server_pods(models, "rotten")
+        assert not any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or ())
+        assert models.status("rotten")["phase"] == "Deploying"
+        assert models.condition("rotten", "Ready")["status"] == "False"
+    finally:
+        bed.cluster.stop_process_node(node.name)
+    assert serving["status"] == "False" and serving["reason"] == "PodsNotReady"
+    # Which check catches it depends on the store: the S3 response checksum (versitygw keeps one
+    # per object) before the manifest's sha256 does; either way the runtime names the object.
+    refused = rf"pod {pod.metadata.name} (restarted \d+ times?, )?exited with code 1: {re.escape(uri)}model"
+    assert re.search(refused + r"\.safetensors: .*(did not match|the manifest says)", serving["message"])
 
 
 # --- (d) a GPU node removed while serving -------------------------------------------------------
@@ -248,11 +337,68 @@ def test_gpu_node_removed_while_serving_is_reported_and_the_pod_moves(bed: Bed) 
     # The pod on the vanished node goes when the pod garbage collector gives up on the node (40 s
     # quarantine, checked every 20 s); the ReplicaSet's new pod then lands on the spare.
     wait_for(lambda: _ready_on(models, "served", spare), f"a ready pod on {spare}", 150, bed.operator)
-    wait_for(models.phase_is("served", "Ready"), "phase Ready again", 60, bed.operator)
+    wait_for(lambda: converged(models.get("served"), "Ready"), "Ready again, 1/1", 60, bed.operator)
     moved = time.monotonic() - t0
-    status = models.status("served")
-    assert status["serving"]["readyReplicas"] == 1
     assert models.condition("served", "Serving")["reason"] == "Serving"
     reasons = [e.reason for e in sorted(models.events("served"), key=lambda e: e.metadata.creation_timestamp)]
     assert "NoGPUNodes" in reasons and "Serving" in reasons[reasons.index("NoGPUNodes") :], reasons
     print(f"\nnode removed -> serving again on {spare}: {moved:.1f} s")
+
+
+# --- the pure parts: why pods are not ready, and when the reconciler looks ---------------------
+
+
+def _pod_body(name: str, ready: bool = False, **status: object) -> dict:
+    conditions = [{"type": "Ready", "status": "True" if ready else "False"}, *status.pop("conditions", [])]
+    return {"metadata": {"name": name}, "status": {"conditions": conditions, **status}}
+
+
+def _crashed(code: int, message: str | None, reason: str = "Error", restarts: int = 2) -> dict:
+    term = {"exitCode": code, "reason": reason, **({"message": message} if message else {})}
+    waiting = {"reason": "CrashLoopBackOff", "message": "back-off 20s restarting failed container"}
+    return {"restartCount": restarts, "state": {"waiting": waiting}, "lastState": {"terminated": term}}
+
+
+def test_pod_problems_say_why_a_pod_is_not_ready() -> None:
+    refused = (
+        "model.safetensors: sha256 of s3://b/m/r/model.safetensors is 0f1e..., the manifest says 9a8b..."
+    )
+    crashed = _pod_body("m-1", containerStatuses=[_crashed(1, refused)])
+    assert podhealth.pod_problem(crashed) == f"pod m-1 restarted 2 times, exited with code 1: {refused}"
+    oom = _pod_body("m-1", containerStatuses=[_crashed(137, None, "OOMKilled", restarts=1)])
+    assert podhealth.pod_problem(oom).startswith(
+        "pod m-1 restarted 1 time, exited with code 137: the container"
+    )
+    pending = _pod_body(
+        "m-2", conditions=[{"type": "PodScheduled", "status": "False", "message": "0/3 nodes are available"}]
+    )
+    assert podhealth.pod_problem(pending) == "pod m-2 not scheduled: 0/3 nodes are available"
+    pull = {"state": {"waiting": {"reason": "ImagePullBackOff", "message": "pull access denied"}}}
+    assert podhealth.pod_problem(_pod_body("m-3", containerStatuses=[pull])) == (
+        "pod m-3 ImagePullBackOff: pull access denied"
+    )
+    starting = {"state": {"waiting": {"reason": "ContainerCreating"}}}
+    assert podhealth.pod_problem(_pod_body("m-4", containerStatuses=[starting])) is None
+    assert podhealth.pod_problem(_pod_body("m-5", ready=True, containerStatuses=[_crashed(1, "x")])) is None
+    assert podhealth.pods_problem([pending, crashed, _pod_body("m-6")]) == (
+        f"pod m-1 restarted 2 times, exited with code 1: {refused} (and 1 more pods)"
+    )
+    assert podhealth.pods_problem([]) is None
+
+
+def test_serving_condition_carries_the_pod_problem_while_pods_are_short() -> None:
+    spec = make_spec()
+    rev = lifecycle.revision_of(spec)
+    done = job_state(f"smollm2-q-{rev[2:]}", rev, state="complete")
+    pod = PodOutcome(found=True, message=result_message(spec))
+    problem = "pod smollm2-1 restarted 1 time, exited with code 1: sha256 mismatch"
+    for ready, expected in ((0, True), (1, False)):
+        world = observed(
+            spec, jobs=(done,), pod=pod, deployments=(deployment("smollm2", rev, None, ready=ready),)
+        )
+        assert lifecycle.server_pods_needed(world) is expected
+        world = replace(world, server_problem=problem)
+        serving = next(c for c in lifecycle.decide(world, operator_settings()).status.conditions
+                       if c.type == "Serving")  # fmt: skip
+        assert (problem in serving.message) is expected, serving.message
+    assert not lifecycle.server_pods_needed(replace(world, deleting=True))

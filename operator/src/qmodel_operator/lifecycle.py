@@ -81,6 +81,14 @@ def outcome_needed(observed: Observed) -> JobState | None:
     return job
 
 
+def server_pods_needed(observed: Observed) -> bool:
+    """Whether a serving Deployment is short of ready pods, so the reconciler must read the pods
+    to say why (and look again later: a restarting pod changes no Deployment status)."""
+    if observed.deleting or not observed.spec.serving.enabled:
+        return False
+    return any(d.ready_replicas < d.replicas for d in observed.deployments)
+
+
 def job_min_gpu_memory_mib(observed: Observed, settings: Settings, budget: est.Budget) -> int:
     """The spec's minimum, else an estimate from a shape this source has reported, else the default."""
     spec = observed.spec

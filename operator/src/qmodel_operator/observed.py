@@ -197,3 +197,5 @@ class Observed:
     pod: PodOutcome | None = None
     # Read only while our finalizer holds a deleting model: no clean-up Job can start there.
     namespace_terminating: bool = False
+    # Read only while a serving Deployment is short of ready pods: why (podhealth.pods_problem).
+    server_problem: str | None = None

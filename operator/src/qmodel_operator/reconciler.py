@@ -22,7 +22,7 @@ import aiohttp
 from pydantic import ValidationError
 
 from qmodel_operator import conditions as cond
-from qmodel_operator import jobs, lifecycle
+from qmodel_operator import jobs, lifecycle, podhealth
 from qmodel_operator import podspec as ps
 from qmodel_operator.gpu import GpuNode, gpu_classes
 from qmodel_operator.kube import ApiError, KubeApi
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, name)
 # Retry delays after a failed reconcile: 1, 2, 4 ... capped at 60 s.
 MAX_BACKOFF_SECONDS = 60.0
+# How often the pods of a Deployment short of ready replicas are looked at again (one LIST each).
+UNREADY_RECHECK_SECONDS = 10.0
 
 
 class Indexes(Protocol):
@@ -130,6 +132,7 @@ class Reconciler:
         self._known: set[Key] = set()
         self._own_versions: dict[Key, str] = {}
         self._gpu_signature: tuple[Any, ...] | None = None
+        self._rechecks: dict[Key, asyncio.TimerHandle] = {}
 
     # --- triggers --------------------------------------------------------------------------
 
@@ -139,6 +142,8 @@ class Reconciler:
             self._own_versions.pop(key, None)
             self._bodies.pop(key, None)
             self.metrics.set_phase(key, None)
+            if (handle := self._rechecks.pop(key, None)) is not None:
+                handle.cancel()
             return
         self._known.add(key)
         self._remember(key, body)
@@ -262,8 +267,12 @@ class Reconciler:
             pods = await self.api.list("v1", "Pod", namespace, f"batch.kubernetes.io/job-name={job.name}")
             container = jobs.CLEANUP_CONTAINER if observed.deleting else jobs.QUANTIZE_CONTAINER
             observed = replace(observed, pod=pod_outcome(pods, container, job.complete))
+        if lifecycle.server_pods_needed(observed):
+            observed = replace(observed, server_problem=await self._server_problem(key))
         plan = lifecycle.decide(observed, self.settings)
         await self._act(key, body, observed, plan)
+        if lifecycle.server_pods_needed(observed):
+            self._recheck_later(key)
 
     async def _act(self, key: Key, body: dict[str, Any], observed: Observed, plan: lifecycle.Plan) -> None:
         namespace, name = key
@@ -291,6 +300,20 @@ class Reconciler:
         if plan.status is not None:
             self.metrics.set_phase(key, plan.status.phase)
             self.metrics.count(plan.events, plan.status.quantization.seconds)
+
+    async def _server_problem(self, key: Key) -> str | None:
+        namespace, name = key
+        selector = f"{ps.LABEL_MODEL}={name},{ps.LABEL_COMPONENT}={ps.COMPONENT_SERVER}"
+        return podhealth.pods_problem(await self.api.list("v1", "Pod", namespace, selector))
+
+    def _recheck_later(self, key: Key) -> None:
+        """A pod that restarts or keeps waiting changes no Deployment status, so no event tells us:
+        look again in a while, once per model at a time, until its pods are ready."""
+        loop = asyncio.get_running_loop()
+        handle = self._rechecks.get(key)
+        if handle is not None and handle.when() > loop.time():
+            return
+        self._rechecks[key] = loop.call_later(UNREADY_RECHECK_SECONDS, self.kick, key)
 
     async def _namespace_terminating(self, namespace: str) -> bool:
         ns = await self.api.request("GET", f"/api/v1/namespaces/{namespace}")

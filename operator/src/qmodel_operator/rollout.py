@@ -82,7 +82,9 @@ def _held(observed: Observed, served: sv.Served, no_fit: sv.NoFit) -> ServingOut
     return ServingOutcome(cond.Verdict(cond.SERVING, "False", no_fit.reason, no_fit.message), status)
 
 
-def _verdict(served: sv.Served, rows: list[DeploymentStatus], rolled_out: bool) -> cond.Verdict:
+def _verdict(
+    served: sv.Served, rows: list[DeploymentStatus], rolled_out: bool, problem: str | None = None
+) -> cond.Verdict:
     ready = sum(r.ready_replicas or 0 for r in rows)
     wanted = sum(r.replicas or 0 for r in rows)
     where = ", ".join(
@@ -91,6 +93,8 @@ def _verdict(served: sv.Served, rows: list[DeploymentStatus], rolled_out: bool) 
         for r in rows
     )
     text = f"revision {served.revision}: {ready}/{wanted} pods ready; {where}"
+    if problem and ready < wanted:
+        text += f"; {problem}"
     if ready > 0:
         return cond.Verdict(cond.SERVING, "True", "Serving" if rolled_out else "RollingOut", text)
     if wanted == 0:
@@ -156,7 +160,7 @@ def serve(
         }
     )
     return ServingOutcome(
-        _verdict(served, rows, rolled_out and not stale),
+        _verdict(served, rows, rolled_out and not stale, observed.server_problem),
         status,
         apply=tuple(applies),
         delete=stale,

@@ -18,6 +18,7 @@ from qmodel_operator.settings import Settings
 from qmodel_operator.spec import ModelFacts, QuantizedModelSpec, Serving
 
 PORT = 8000
+TERMINATION_LOG = "/dev/termination-log"  # the container's default terminationMessagePath
 SERVER_CONTAINER = "server"
 STARTUP_PERIOD_SECONDS = 10
 
@@ -144,6 +145,8 @@ def _server_args(serving: Serving, served: Served, placement: Placement, model_n
         "--max-model-len", str(sizing.max_model_len),
         "--max-batch-size", str(sizing.max_batch_size),
         "--kv-cache-tokens", str(sizing.kv_cache_tokens),
+        # A refused artifact: the reason becomes the container's last state (podhealth.py).
+        "--termination-log", TERMINATION_LOG,
     ]  # fmt: skip
 
 

@@ -56,7 +56,6 @@ class GracefulServer(uvicorn.Server):
 def serve(config: ServeConfig) -> int:
     state = ServerState(config, Metrics(config.model_name()))
     app = build_app(state)
-    start_loading(state)
     server = GracefulServer(
         uvicorn.Config(
             app,
@@ -68,10 +67,12 @@ def serve(config: ServeConfig) -> int:
         ),
         state,
     )
+    state.stop = lambda: setattr(server, "should_exit", True)  # --termination-log: exit on failure
+    start_loading(state)
     server.run()
     if server._drain is not None:
         server._drain.join(timeout=config.shutdown_grace + 10)
-    return 0
+    return 1 if state.status == "failed" and config.termination_log is not None else 0
 
 
 def main(argv: list[str] | None = None) -> int:

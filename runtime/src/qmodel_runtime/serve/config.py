@@ -31,6 +31,8 @@ class ServeConfig:
     shutdown_grace: float = 30.0
     threads: int | None = None  # torch CPU threads
     log_level: str = "info"
+    # On a startup failure: write the reason here and exit 1 (else: stay up, never ready).
+    termination_log: Path | None = None
 
     def model_name(self) -> str:
         """--served-model-name, else the artifact's model folder (<prefix>/<model>/<revision>/)."""
@@ -103,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=_positive(int), help="CPU threads for torch")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--termination-log",
+        type=Path,
+        help="on a startup failure (e.g. an artifact that fails verification) write the reason here "
+        "and exit 1, so Kubernetes shows it as the container's last state (/dev/termination-log); "
+        "without it the server stays up and never ready",
+    )
     return p
 
 

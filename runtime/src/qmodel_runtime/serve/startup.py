@@ -13,7 +13,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -54,6 +56,7 @@ class ServerState:
     vocab_size: int = 0
     memory: MemoryReport | None = None
     started: float = field(default_factory=time.monotonic)
+    stop: Callable[[], None] | None = None  # asks the HTTP server to exit (set by serve())
 
     @property
     def model_name(self) -> str:
@@ -95,6 +98,18 @@ def load(state: ServerState) -> None:
 def _fail(state: ServerState, reason: str) -> None:
     state.status, state.reason = "failed", reason
     log.error("NOT READY: the artifact %s cannot be served: %s", state.config.artifact, reason)
+    if state.config.termination_log is not None:
+        _exit_with_reason(state, state.config.termination_log, reason)
+
+
+def _exit_with_reason(state: ServerState, path: Path, reason: str) -> None:
+    """In a pod: the reason becomes the container's last termination message, which the operator
+    reads into the model's Serving condition; the restart (with back-off) tries again."""
+    from qmodel_runtime.jobs.report import one_line, write_termination
+
+    write_termination(path, one_line(reason))
+    if state.stop is not None:
+        state.stop()
 
 
 def _load(state: ServerState) -> None:
