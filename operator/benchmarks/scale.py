@@ -1,34 +1,48 @@
-"""Scale benchmark: apply many QuantizedModels at once, time apply -> quantize Job created.
+"""Scale benchmark: apply many QuantizedModels at once; time apply -> quantize Job and -> Ready.
 
-    python operator/benchmarks/scale.py --models 500 --nodes 100        # starts a test bed
+    python operator/benchmarks/scale.py --models 500 --nodes 100        # starts its own test bed
     python operator/benchmarks/scale.py --kubeconfig /path/admin.kubeconfig --models 200
+
+The test bed has only KWOK GPU nodes (no process node): each quantize Job's pod succeeds at
+once with the planted result as its termination message, serving pods turn Ready, so every
+model walks Pending -> Quantizing -> Deploying -> Ready through the real controllers.
 
 The baseline, measured in the same run on the same cluster, is the API server's own floor:
 the same number of Jobs created directly by the client (create call -> the Job seen on a
 watch). The operator's latency is create-QuantizedModel call -> its Job seen on the same
-watch. Also reported: the operator's peak RSS (VmHWM) and CPU time. Prints a table; asserts
-nothing (targets: p99 under 1 s, RSS under 150 MB).
+watch; then create -> phase Ready, the time until every model is Ready, Jobs per model
+(a duplicate is a bug), and the operator's peak RSS (VmHWM) and CPU time. Prints a table;
+asserts nothing (targets: p99 apply -> Job under 1 s, RSS under 150 MB).
+tests/reliability_tests/test_scale.py runs a smaller size of ``scale_run`` and asserts what
+is robust on a loaded CI machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import os
 import secrets
-import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))  # the test bed lives with the tests
+if str(REPO / "tests") not in sys.path:
+    sys.path.insert(0, str(REPO / "tests"))  # the test bed lives with the tests
 
 from kubernetes import client, watch  # noqa: E402
-from operator_tests.k8s_support import Models, Operator, install_crd, with_result  # noqa: E402
+from kubernetes.client.exceptions import ApiException  # noqa: E402
+from operator_tests.k8s_support import GROUP, PLURAL, VERSION, Models, Operator, install_crd, with_result  # noqa: E402
 from operator_tests.support import spec_body  # noqa: E402
 
+from qmodel_operator import podspec as ps  # noqa: E402
 from qmodel_operator.jobs import quantize_job_name  # noqa: E402
 from qmodel_operator.revision import revision  # noqa: E402
 from qmodel_operator.spec import QuantizedModelSpec  # noqa: E402
@@ -38,73 +52,105 @@ from testbed import nodes, paths  # noqa: E402
 CLIENT_THREADS = 8  # like several `kubectl apply` at once
 
 
-class JobWatch:
-    """Records when each Job of a namespace is first seen (monotonic clock)."""
+class FirstSeen:
+    """Records when each object of a namespace first satisfies ``when`` (monotonic clock), from
+    one watch kept open in a thread (resumed from its resourceVersion, relisted after a 410)."""
 
-    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+    def __init__(self, list_fn: Callable[..., Any], *args: Any, when: Callable[[Any], bool]) -> None:
         self.seen: dict[str, float] = {}
+        self._list, self._args, self._when = list_fn, args, when
         self._stop = threading.Event()
-        self._batch = client.BatchV1Api(api)
-        self._ns = namespace
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         w = watch.Watch()
+        version = None
         while not self._stop.is_set():
-            for event in w.stream(self._batch.list_namespaced_job, self._ns, timeout_seconds=5):
-                name = event["object"].metadata.name
-                self.seen.setdefault(name, time.monotonic())
-                if self._stop.is_set():
-                    break
+            try:
+                for event in w.stream(self._list, *self._args, timeout_seconds=10, resource_version=version):
+                    obj = event["object"]
+                    name = obj["metadata"]["name"] if isinstance(obj, dict) else obj.metadata.name
+                    if self._when(obj):
+                        self.seen.setdefault(name, time.monotonic())
+                    if self._stop.is_set():
+                        return
+                version = w.resource_version
+            except ApiException as e:
+                if e.status != 410:
+                    raise
+                version = None  # too old: list again
 
     def wait(self, names: list[str], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while any(n not in self.seen for n in names) and time.monotonic() < deadline:
-            time.sleep(0.1)
+            time.sleep(0.2)
 
     def stop(self) -> None:
         self._stop.set()
 
 
-def _create_all(items: list[tuple[str, object]], create) -> dict[str, float]:
-    started: dict[str, float] = {}
+def _is_ready(model: dict[str, Any]) -> bool:
+    return (model.get("status") or {}).get("phase") == "Ready"
 
-    def one(item):
+
+def _create_all(
+    items: list[tuple[str, Any]], create: Callable[[str, Any], Any]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Create from CLIENT_THREADS threads; when each call started, and when it returned."""
+    started: dict[str, float] = {}
+    returned: dict[str, float] = {}
+
+    def one(item: tuple[str, Any]) -> None:
         name, body = item
         started[name] = time.monotonic()
         create(name, body)
+        returned[name] = time.monotonic()
 
     with ThreadPoolExecutor(CLIENT_THREADS) as pool:
         list(pool.map(one, items))
-    return started
+    return started, returned
 
 
-def _latencies(started: dict[str, float], seen: dict[str, float], job_of) -> list[float]:
-    return sorted(seen[job_of(n)] - t for n, t in started.items() if job_of(n) in seen)
+def _latencies(started: dict[str, float], seen: dict[str, float], key: Callable[[str], str]) -> list[float]:
+    return sorted(seen[key(n)] - t for n, t in started.items() if key(n) in seen)
 
 
-def _row(label: str, values: list[float], total: int) -> str:
-    if not values:
-        return f"| {label} | 0/{total} | - | - | - | - |"
-    p = lambda q: values[min(len(values) - 1, int(q * len(values)))]  # noqa: E731
-    return (
-        f"| {label} | {len(values)}/{total} | {statistics.median(values) * 1000:.0f} | "
-        f"{p(0.90) * 1000:.0f} | {p(0.99) * 1000:.0f} | {values[-1] * 1000:.0f} |"
-    )
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile of sorted values (nearest rank), 0 for none."""
+    return values[min(len(values) - 1, int(q * len(values)))] if values else 0.0
 
 
 def _samples(text: str) -> dict[str, float]:
-    """Unlabelled samples of a Prometheus text page."""
+    """Unlabelled samples of a Prometheus text page (labelled ones keep their labels in the key)."""
     out = {}
     for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if line and not line.startswith("#") and "{" not in name:
+        name, _, value = line.rpartition(" ")
+        if line and not line.startswith("#"):
             out[name] = float(value)
     return out
 
 
-def _proc_stats(pid: int) -> tuple[float, float]:
+def histograms(samples: dict[str, float], name: str) -> dict[str, tuple[float, float, float]]:
+    """{labels: (count, mean, p99 bucket bound)} of one Prometheus histogram."""
+    out = {}
+    for key, count in samples.items():
+        if not key.startswith(f"{name}_count") or not count:
+            continue
+        labels = key[len(f"{name}_count") :]
+        total = samples.get(f"{name}_sum{labels}", 0.0)
+        inner = labels[1:-1] + "," if labels else ""
+        bounds = sorted(
+            (float(k.rsplit('le="', 1)[1][:-2]), v)
+            for k, v in samples.items()
+            if k.startswith(f"{name}_bucket{{{inner}le=") and "+Inf" not in k
+        )
+        p99 = next((b for b, v in bounds if v >= 0.99 * count), float("inf"))
+        out[labels] = (count, total / count, p99)
+    return out
+
+
+def proc_stats(pid: int) -> tuple[float, float]:
     """(peak RSS in MiB, CPU seconds) of a process."""
     status = Path(f"/proc/{pid}/status").read_text()
     hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
@@ -113,50 +159,168 @@ def _proc_stats(pid: int) -> tuple[float, float]:
     return hwm / 1024, (int(fields[11]) + int(fields[12])) / ticks
 
 
-def run(api: client.ApiClient, kubeconfig: Path, models_n: int, workdir: Path) -> None:
-    install_crd(api)
-    core = client.CoreV1Api(api)
-    ns = f"scale-{secrets.token_hex(3)}"
-    core.create_namespace({"metadata": {"name": ns}})
-    operator = Operator(kubeconfig, workdir)
-    operator.start()
-    jobs_watch = JobWatch(api, ns)
+@dataclass
+class ScaleResult:
+    models: int
+    nodes: int
+    baseline: list[float] = field(default_factory=list)  # s, client create -> Job seen
+    create_call: list[float] = field(default_factory=list)  # s, the create call of a QuantizedModel
+    model_seen: list[float] = field(default_factory=list)  # s, create QuantizedModel -> seen on a watch
+    to_job: list[float] = field(default_factory=list)  # s, create QuantizedModel -> its Job seen
+    to_ready: list[float] = field(default_factory=list)  # s, create QuantizedModel -> phase Ready
+    apply_seconds: float = 0.0  # first create call -> last create call returned
+    all_ready_seconds: float | None = None  # first create -> the last model Ready (None: not all)
+    jobs_per_model: dict[str, int] = field(default_factory=dict)
+    rss_mib: float = 0.0
+    cpu_seconds: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def not_ready(self) -> int:
+        return self.models - len(self.to_ready)
+
+    @property
+    def duplicates(self) -> dict[str, int]:
+        return {name: n for name, n in self.jobs_per_model.items() if n > 1}
+
+    def table(self) -> str:
+        def row(label: str, values: list[float]) -> str:
+            ms = [f"{percentile(values, q) * 1000:.0f}" for q in (0.5, 0.9, 0.99, 1.0)]
+            return f"| {label} | {len(values)}/{self.models} | {' | '.join(ms)} |"
+
+        lines = [
+            f"{self.models} models on {self.nodes} nodes; latency from the create call, ms",
+            "",
+            "| path | seen | p50 | p90 | p99 | max |",
+            "|---|---|---|---|---|---|",
+        ]
+        if self.baseline:
+            lines.append(row("baseline: client creates the Job -> Job seen", self.baseline))
+        lines.append(row("QuantizedModel: the create call returned", self.create_call))
+        lines.append(row("QuantizedModel: seen on a watch", self.model_seen))
+        lines.append(row("operator: QuantizedModel created -> its Job seen", self.to_job))
+        lines.append(row("operator: QuantizedModel created -> phase Ready", self.to_ready))
+        ready = f"{self.all_ready_seconds:.1f} s" if self.all_ready_seconds is not None else "NOT all Ready"
+        reconciles = self.metrics.get('qmodel_reconciles_total{result="ok"}', 0)
+        errors = self.metrics.get('qmodel_reconciles_total{result="error"}', 0)
+        lines += [
+            "",
+            f"creates took {self.apply_seconds:.1f} s; all Ready {ready} after the first create; "
+            f"{self.not_ready} not Ready; {len(self.duplicates)} models with duplicate Jobs",
+            f"operator: peak RSS {self.rss_mib:.0f} MiB, CPU {self.cpu_seconds:.1f} s, "
+            f"reconciles {reconciles:.0f} ok / {errors:.0f} failed",
+            "",
+            "| operator histogram | count | mean ms | p99 <= ms |",
+            "|---|---|---|---|",
+        ]
+        for name in ("qmodel_reconcile_queue_seconds", "qmodel_api_request_duration_seconds"):
+            for labels, (count, mean, p99) in sorted(histograms(self.metrics, name).items()):
+                lines.append(f"| {name}{labels} | {count:.0f} | {mean * 1000:.0f} | {p99 * 1000:.0f} |")
+        return "\n".join(lines)
+
+
+def _count_jobs(batch: client.BatchV1Api, namespace: str) -> dict[str, int]:
+    selector = f"{ps.LABEL_COMPONENT}={ps.COMPONENT_QUANTIZE}"
+    counts: collections.Counter[str] = collections.Counter()
+    for job in batch.list_namespaced_job(namespace, label_selector=selector).items:
+        counts[job.metadata.labels.get(ps.LABEL_MODEL, "")] += 1
+    return dict(counts)
+
+
+def _baseline(models: Models, jobs_seen: FirstSeen, count: int) -> list[float]:
+    """The same number of Jobs, created directly: the API server's own floor."""
+    template = {"apiVersion": "batch/v1", "kind": "Job",
+                "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [
+                    {"name": "c", "image": "x", "command": ["true"]}]}}}}  # fmt: skip
+    direct = [(f"direct-{i}", {**template, "metadata": {"name": f"direct-{i}"}}) for i in range(count)]
+    started, _ = _create_all(direct, lambda name, body: models.batch.create_namespaced_job(models.ns, body))
+    jobs_seen.wait([n for n, _ in direct], 120)
+    for name, _ in direct:
+        models.batch.delete_namespaced_job(name, models.ns, propagation_policy="Background")
+    return _latencies(started, jobs_seen.seen, lambda n: n)
+
+
+def scale_run(
+    api: client.ApiClient,
+    operator: Operator,
+    namespace: str,
+    count: int,
+    *,
+    baseline: bool = True,
+    ready_timeout: float = 600.0,
+) -> ScaleResult:
+    """Apply ``count`` models to ``namespace`` (the operator already running) and measure."""
+    models = Models(api, namespace)
+    result = ScaleResult(models=count, nodes=len(client.CoreV1Api(api).list_node().items))
+    jobs_seen = FirstSeen(models.batch.list_namespaced_job, namespace, when=lambda _: True)
+    list_models = (models.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL)
+    models_seen = FirstSeen(*list_models, when=lambda _: True)
+    ready_seen = FirstSeen(*list_models, when=_is_ready)
     try:
-        models = Models(api, ns)
-        time.sleep(2)  # the default ServiceAccount and the operator's first listing
-        # Baseline: the same number of Jobs, created directly.
-        template = {"apiVersion": "batch/v1", "kind": "Job",
-                    "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [
-                        {"name": "c", "image": "x", "command": ["true"]}]}}}}  # fmt: skip
-        direct = [(f"direct-{i}", {**template, "metadata": {"name": f"direct-{i}"}}) for i in range(models_n)]
-        started = _create_all(direct, lambda name, body: models.batch.create_namespaced_job(ns, body))
-        jobs_watch.wait([n for n, _ in direct], 120)
-        baseline = _latencies(started, jobs_watch.seen, lambda n: n)
-        # The operator: one QuantizedModel per Job.
-        specs = [(f"m{i}", with_result(spec_body(), f"m{i}")) for i in range(models_n)]
+        if baseline:
+            result.baseline = _baseline(models, jobs_seen, count)
+        specs = [(f"m{i}", with_result(spec_body(), f"m{i}")) for i in range(count)]
         job_name = {
             name: quantize_job_name(name, revision(QuantizedModelSpec.model_validate(spec)))
             for name, spec in specs
         }
-        started = _create_all(specs, models.create)
-        jobs_watch.wait(list(job_name.values()), 300)
-        through = _latencies(started, jobs_watch.seen, job_name.__getitem__)
-        rss, cpu = _proc_stats(operator.proc.pid)
-        samples = _samples(operator.metrics())
+        first = time.monotonic()
+        started, returned = _create_all(specs, models.create)
+        result.apply_seconds = time.monotonic() - first
+        result.create_call = _latencies(started, returned, lambda n: n)
+        jobs_seen.wait(list(job_name.values()), ready_timeout)
+        result.to_job = _latencies(started, jobs_seen.seen, job_name.__getitem__)
+        result.model_seen = _latencies(started, models_seen.seen, lambda n: n)
+        ready_seen.wait(list(job_name), max(1.0, ready_timeout - (time.monotonic() - first)))
+        result.to_ready = _latencies(started, ready_seen.seen, lambda n: n)
+        if len(result.to_ready) == count:
+            result.all_ready_seconds = max(ready_seen.seen.values()) - first
     finally:
-        jobs_watch.stop()
-        operator.stop()
-        core.delete_namespace(ns)
-    print(
-        f"\n{models_n} models, {len(core.list_node().items)} nodes; latency to the Job seen on a watch (ms)\n"
+        for watcher in (jobs_seen, models_seen, ready_seen):
+            watcher.stop()
+    result.jobs_per_model = _count_jobs(models.batch, namespace)
+    assert operator.proc is not None
+    result.rss_mib, result.cpu_seconds = proc_stats(operator.proc.pid)
+    result.metrics = _samples(operator.metrics())
+    return result
+
+
+def scale_cluster_config(node_count: int, workdir: Path) -> tb_cluster.ClusterConfig:
+    """A test bed of ``node_count`` KWOK H100 nodes (8 GPUs each) and nothing else."""
+    h100 = nodes.NodeSet(
+        "h100", count=node_count, gpus=8, gpu_product="NVIDIA-H100-80GB-HBM3", gpu_memory_mib=81559
     )
-    print("| path | Jobs | p50 | p90 | p99 | max |\n|---|---|---|---|---|---|")
-    print(_row("baseline: client creates the Job", baseline, models_n))
-    print(_row("operator: client creates the QuantizedModel", through, models_n))
-    print(f"\noperator peak RSS {rss:.0f} MiB, CPU {cpu:.1f} s (targets: p99 < 1000 ms, RSS < 150 MiB)")
-    count = samples.get("qmodel_reconcile_duration_seconds_count", 0)
-    mean = samples.get("qmodel_reconcile_duration_seconds_sum", 0) / max(count, 1)
-    print(f"reconciles {count:.0f} (mean {mean * 1000:.0f} ms including the wait for a slot)")
+    return tb_cluster.ClusterConfig(node_sets=(h100,), process_nodes=(), workdir=workdir)
+
+
+@contextlib.contextmanager
+def scale_bed(
+    node_count: int, workdir: Path, kubeconfig: Path | None = None
+) -> Iterator[tuple[client.ApiClient, Operator, str]]:
+    """(API client, running operator, fresh namespace) on a test bed of its own, or on
+    ``kubeconfig``'s. Its own by default: another operator watching every namespace (the
+    operator tests' one, in a whole-suite run) would share the work and skew every number."""
+    if kubeconfig is not None:
+        cluster = tb_cluster.attach(kubeconfig)
+    else:
+        if not (paths.bin_dir() / "kwok").is_file():
+            paths.ensure_installed()
+        cluster = tb_cluster.start(scale_cluster_config(node_count, workdir / "testbed"))
+    api = cluster.api_client()
+    core = client.CoreV1Api(api)
+    namespace = f"scale-{secrets.token_hex(3)}"
+    operator = Operator(cluster.kubeconfig, workdir)
+    try:
+        install_crd(api)
+        core.create_namespace({"metadata": {"name": namespace}})
+        operator.start()
+        yield api, operator, namespace
+    finally:
+        operator.stop()
+        if kubeconfig is not None:
+            core.delete_namespace(namespace)
+        else:
+            cluster.stop()
 
 
 def main() -> int:
@@ -164,33 +328,25 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", type=int, default=500)
-    parser.add_argument("--nodes", type=int, default=100, help="KWOK H100 nodes to add")
+    parser.add_argument("--nodes", type=int, default=100, help="KWOK H100 nodes (8 GPUs each)")
     parser.add_argument("--kubeconfig", type=Path, help="an existing test bed (default: start one)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the direct-Job baseline")
+    parser.add_argument("--ready-timeout", type=float, default=600.0)
     args = parser.parse_args()
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"qmodel-scale-{secrets.token_hex(3)}"
     workdir.mkdir(parents=True)
-    cluster = None
-    if args.kubeconfig:
-        cluster = tb_cluster.attach(args.kubeconfig)
-        kubeconfig = args.kubeconfig
-    else:
-        paths.ensure_installed()
-        cluster = tb_cluster.start(tb_cluster.ClusterConfig(workdir=workdir / "testbed"))
-        kubeconfig = cluster.kubeconfig
-    prefix = f"h100-{secrets.token_hex(2)}"
-    h100 = nodes.NodeSet(
-        prefix, count=args.nodes, gpus=8, gpu_product="NVIDIA-H100-80GB-HBM3", gpu_memory_mib=81559
-    )
-    cluster.add_nodes((h100,))
-    api = cluster.api_client()
-    try:
-        run(api, kubeconfig, args.models, workdir)
-    finally:
-        core = client.CoreV1Api(api)
-        for name in h100.names():
-            core.delete_node(name)
-        if not args.kubeconfig:
-            cluster.stop()
+    with scale_bed(args.nodes, workdir, args.kubeconfig) as (api, operator, namespace):
+        result = scale_run(
+            api,
+            operator,
+            namespace,
+            args.models,
+            baseline=not args.no_baseline,
+            ready_timeout=args.ready_timeout,
+        )
+        load = os.getloadavg()
+    print(f"\n{os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} (1, 5, 15 min)")
+    print(result.table())
     return 0
 
 

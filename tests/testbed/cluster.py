@@ -35,7 +35,9 @@ from testbed.procs import Proc, free_port, spawn, stop, wait_until
 
 log = logging.getLogger("testbed")
 TESTS_DIR = paths.HERE.parent
-SERVICE_CIDR = "10.0.0.0/24"  # ClusterIPs are allocated from it, but nothing ever connects to one
+# ClusterIPs are allocated from it, but nothing ever connects to one. A /16: the scale test
+# has 500 Services (a /24 ran out at 254).
+SERVICE_CIDR = "10.0.0.0/16"
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -21,6 +22,10 @@ def main() -> int:
         quiet=settings.log_level in ("WARNING", "ERROR"),
         log_format=kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.FULL,
     )
+    if settings.log_level != "DEBUG":
+        # kopf logs "Handler 'model_event' succeeded." at INFO for every watch event of every
+        # model: thousands of lines that say nothing in a 500-model burst. Warnings still show.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     # Registers the handlers with kopf's default registry (import for the side effect).
     from qmodel_operator import handlers  # noqa: F401
 

@@ -14,7 +14,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -34,6 +34,7 @@ PLURALS = {
     ps.KIND: "quantizedmodels",
 }
 Login = Callable[[], Awaitable[kopf.ConnectionInfo]]
+Observe = Callable[[str, str, float], None]  # (verb, resource, seconds) of each finished call
 
 
 class ApiError(Exception):
@@ -58,6 +59,16 @@ def resource_path(api_version: str, kind: str, namespace: str | None, name: str 
     return f"{base}{ns}/{PLURALS[kind]}{tail}"
 
 
+def resource_of(path: str) -> str:
+    """The resource a path names, without namespace or name: ``jobs``, ``quantizedmodels/status``."""
+    parts = path.strip("/").split("/")
+    if "namespaces" in parts[:-2]:  # .../namespaces/<ns>/<resource>[/<name>[/<sub>]]
+        parts = parts[parts.index("namespaces") + 2 :]
+    else:  # /api/v1/<resource>... or /apis/<group>/<version>/<resource>...
+        parts = parts[2:] if parts[0] == "api" else parts[3:]
+    return "/".join(parts[:1] + parts[2:3])
+
+
 def _error(status: int, reason: str, answer: Any) -> ApiError:
     if not isinstance(answer, dict):
         return ApiError(status, reason)
@@ -73,15 +84,17 @@ def _session(info: kopf.ConnectionInfo, limit: int) -> aiohttp.ClientSession:
         connector=aiohttp.TCPConnector(limit=limit, ssl=info.as_ssl_context()),
         headers=headers,
         timeout=aiohttp.ClientTimeout(total=30),
+        read_bufsize=2**20,  # a watch event is one line; aiohttp's 64 KiB default is tight for big objects
     )
 
 
 class KubeApi:
     """Async access to the API server; re-logs in once on 401 (rotated tokens)."""
 
-    def __init__(self, login: Login, limit: int = 64) -> None:
+    def __init__(self, login: Login, limit: int = 64, observe: Observe | None = None) -> None:
         self._login = login
         self._limit = limit
+        self._observe = observe
         self._session: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:
@@ -117,12 +130,29 @@ class KubeApi:
                     await self.close()
                     continue
                 answer = await resp.json(content_type=None) if resp.content_length != 0 else None
-                elapsed_ms = (time.monotonic() - started) * 1000
-                log.debug("%s %s: %d in %.0f ms", method, path, resp.status, elapsed_ms)
+                elapsed = time.monotonic() - started
+                log.debug("%s %s: %d in %.0f ms", method, path, resp.status, elapsed * 1000)
+                if self._observe is not None:
+                    self._observe(method, resource_of(path), elapsed)
                 if resp.status >= 400:
                     raise _error(resp.status, resp.reason or "", answer)
                 return answer
         raise AssertionError("unreachable: the second attempt returns or raises")
+
+    async def stream(self, path: str, *, params: Mapping[str, str], seconds: float) -> AsyncIterator[bytes]:
+        """A watch: the answer's lines as they arrive, for at most ``seconds``. A 401 drops the
+        session, so the caller's next attempt logs in again."""
+        session = await self._connect()
+        timeout = aiohttp.ClientTimeout(total=seconds)
+        async with session.get(path.lstrip("/"), params=params, timeout=timeout) as resp:
+            if resp.status >= 400:
+                answer = await resp.json(content_type=None) if resp.content_length != 0 else None
+                if resp.status == 401:
+                    await self.close()
+                raise _error(resp.status, resp.reason or "", answer)
+            async for line in resp.content:
+                if line.strip():
+                    yield line
 
     # --- reads -----------------------------------------------------------------------------
 

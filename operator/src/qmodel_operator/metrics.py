@@ -3,6 +3,8 @@
     qmodel_models{phase}                       models in each phase
     qmodel_reconciles_total{result}            reconciles, ok or error
     qmodel_reconcile_duration_seconds          one reconcile (read, decide, write)
+    qmodel_reconcile_queue_seconds             from a model's trigger until its reconcile starts
+    qmodel_api_request_duration_seconds{call}  the operator's API calls ("POST jobs"; watches aside)
     qmodel_quantize_jobs_total{outcome}        quantize Jobs that succeeded or failed
     qmodel_quantize_job_duration_seconds       total time the succeeded Jobs reported
     qmodel_gate_decisions_total{result}        gate verdicts, passed or failed
@@ -22,6 +24,8 @@ from qmodel_operator.conditions import Event
 PHASES = ("Pending", "Quantizing", "Validating", "Deploying", "Ready", "Rejected", "Failed")
 # Quantize Jobs run minutes to hours (the GPTQ paper: 2.9 min for BLOOM-1.7B, 4.2 h for OPT-175B).
 JOB_BUCKETS = (60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400)
+# Queueing and API calls: milliseconds on an idle cluster, seconds on an overloaded one.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class Metrics:
@@ -33,6 +37,14 @@ class Metrics:
         self.reconcile_seconds = Histogram(
             "qmodel_reconcile_duration_seconds", "Duration of one reconcile", registry=r
         )
+        self.queue_seconds = Histogram(
+            "qmodel_reconcile_queue_seconds", "From a trigger until the reconcile starts",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.api_seconds = Histogram(
+            "qmodel_api_request_duration_seconds", "Kubernetes API calls by verb and resource", ["call"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
         self.jobs = Counter(
             "qmodel_quantize_jobs", "Finished quantize Jobs by outcome", ["outcome"], registry=r
         )
@@ -69,6 +81,9 @@ class Metrics:
                 self.gate.labels("passed").inc()
             elif event.reason == "GateFailed":
                 self.gate.labels("failed").inc()
+
+    def api_call(self, verb: str, resource: str, seconds: float) -> None:
+        self.api_seconds.labels(f"{verb} {resource}").observe(seconds)
 
     def serve(self, port: int) -> None:
         """Expose /metrics on ``port`` from a daemon thread (prometheus-client's own server)."""

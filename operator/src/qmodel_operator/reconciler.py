@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -113,8 +113,11 @@ class Reconciler:
         indexes: Indexes,
         metrics: Metrics,
         clock: Callable[[], str] = utc_now,
+        synced: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.api = api
+        # Waited for before any reconcile: the indexes must have listed every child once.
+        self._synced = synced
         self.settings = settings
         self.indexes = indexes
         self.metrics = metrics
@@ -128,6 +131,7 @@ class Reconciler:
         self._bodies: dict[Key, dict[str, Any]] = {}
         self._tasks: dict[Key, asyncio.Task[None]] = {}
         self._again: set[Key] = set()
+        self._kicked: dict[Key, float] = {}  # the first kick not yet served, for the queue metric
         self._failures: dict[Key, int] = {}
         self._known: set[Key] = set()
         self._own_versions: dict[Key, str] = {}
@@ -165,6 +169,13 @@ class Reconciler:
             pass
         self._bodies[key] = body
 
+    def children_changed(self, keys: Iterable[Key]) -> None:
+        """Kick the models whose children changed. Only models seen on the model watch: any other
+        will be kicked by its own first event, and reads the indexes then."""
+        for key in keys:
+            if key in self._known:
+                self.kick(key)
+
     def gpu_nodes_changed(self) -> None:
         """Node events are frequent (heartbeats); only a change of GPU classes matters."""
         signature = gpu_classes(self.indexes.gpu_nodes())
@@ -178,6 +189,7 @@ class Reconciler:
                 self.kick(key)
 
     def kick(self, key: Key) -> None:
+        self._kicked.setdefault(key, time.monotonic())
         task = self._tasks.get(key)
         if task is not None and not task.done():
             self._again.add(key)
@@ -205,11 +217,16 @@ class Reconciler:
     # --- one model -------------------------------------------------------------------------
 
     async def _run(self, key: Key) -> None:
+        if self._synced is not None:
+            await self._synced()
         while True:
             self._again.discard(key)
             started = time.monotonic()
             try:
                 async with self._urgent_slots if self._urgent(key) else self._slots:
+                    kicked = self._kicked.pop(key, None)
+                    if kicked is not None:
+                        self.metrics.queue_seconds.observe(time.monotonic() - kicked)
                     await self.reconcile(key)
             except ApiError as e:
                 if e.namespace_terminating:
