@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, name)
 # Retry delays after a failed reconcile: 1, 2, 4 ... capped at 60 s.
 MAX_BACKOFF_SECONDS = 60.0
+# An API server's refusal lists every bad field with its regex: 20 bad labels make ~10 kB.
+MAX_REFUSAL_CHARS = 4000
 # How often the pods of a Deployment short of ready replicas are looked at again (one LIST each).
 UNREADY_RECHECK_SECONDS = 10.0
 
@@ -92,7 +94,21 @@ def invalid_spec_status(body: dict[str, Any], error: ValidationError, now: str) 
     """A spec the CRD let through but the operator cannot use (an older CRD, say): say why."""
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"])
-    verdict = cond.Verdict(cond.READY, "False", "InvalidSpec", f"spec.{where}: {first['msg']}")
+    return unusable_spec_status(body, f"spec.{where}: {first['msg']}", now)
+
+
+def refused_child_message(manifest: dict[str, Any], error: ApiError) -> str:
+    """What to tell the user when the API server refuses (400, 422) a child made from their spec: the
+    CRD accepts label keys, tolerations, resource names and Secret names that a Job or Deployment
+    may not carry, and only a spec change can fix that (found by tests/reliability_tests)."""
+    kind, name = manifest["kind"], manifest["metadata"]["name"]
+    text = f"the API server refused {kind} {name} made from this spec; fix the fields it names: "
+    return (text + error.message)[:MAX_REFUSAL_CHARS]
+
+
+def unusable_spec_status(body: dict[str, Any], message: str, now: str) -> QuantizedModelStatus:
+    """Failed, with Ready False for reason InvalidSpec; the other conditions are kept."""
+    verdict = cond.Verdict(cond.READY, "False", "InvalidSpec", message)
     try:
         old = QuantizedModelStatus.model_validate(body.get("status") or {})
     except ValidationError:
@@ -297,14 +313,18 @@ class Reconciler:
         if plan.add_finalizer:
             finalizers = [*observed.finalizers, lifecycle.FINALIZER]
             version = await self._set_finalizers(key, finalizers, version)
-        for manifest in plan.create:
-            if await self.api.create(manifest):
-                log.info(
-                    "%s/%s: created %s %s", namespace, name, manifest["kind"], manifest["metadata"]["name"]
-                )
-        for manifest in plan.apply:
-            await self.api.apply(manifest)
-            log.info("%s/%s: applied %s %s", namespace, name, manifest["kind"], manifest["metadata"]["name"])
+        try:
+            for manifest in plan.create:
+                if await self.api.create(manifest):
+                    log.info("%s/%s: created %s %s", *key, manifest["kind"], manifest["metadata"]["name"])
+            for manifest in plan.apply:
+                await self.api.apply(manifest)
+                log.info("%s/%s: applied %s %s", *key, manifest["kind"], manifest["metadata"]["name"])
+        except ApiError as e:
+            if e.status not in (400, 422):  # 400: a quantity or a character it cannot even decode
+                raise
+            await self._refused(key, body, observed, refused_child_message(manifest, e))
+            return
         for ref in plan.delete:
             await self.api.delete(ref.api_version, ref.kind, namespace, ref.name)
             log.info("%s/%s: deleted %s %s", namespace, name, ref.kind, ref.name)
@@ -331,6 +351,20 @@ class Reconciler:
         if handle is not None and handle.when() > loop.time():
             return
         self._rechecks[key] = loop.call_later(UNREADY_RECHECK_SECONDS, self.kick, key)
+
+    async def _refused(self, key: Key, body: dict[str, Any], observed: Observed, message: str) -> None:
+        """A child the API server refuses: Failed with the reason, and no retry (a spec change
+        reconciles again). A deleting model whose clean-up Job is refused is let go."""
+        log.warning("%s/%s: %s", *key, message)
+        if observed.deleting:
+            event = cond.Event("Warning", "CleanupSkipped", f"no clean-up: {message}")
+            await self._post_events(observed, [event])
+            finalizers = [f for f in observed.finalizers if f != lifecycle.FINALIZER]
+            await self._set_finalizers(key, finalizers, body["metadata"]["resourceVersion"])
+            return
+        status = unusable_spec_status(body, message, observed.now)
+        await self._write_status(key, body, status)
+        self.metrics.set_phase(key, status.phase)
 
     async def _namespace_terminating(self, namespace: str) -> bool:
         ns = await self.api.request("GET", f"/api/v1/namespaces/{namespace}")

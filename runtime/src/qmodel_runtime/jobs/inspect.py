@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError
 from torch import nn
 
 from qmodel_runtime import streaming
@@ -64,8 +65,10 @@ def inspect_model(folder: Path, cfg: QuantConfig) -> ModelInfo:
         _, layers = streaming.find_decoder_layers(skeleton)
     except streaming.ModelError as exc:
         raise InputError(str(exc)) from None
-    except (ValueError, KeyError, OSError) as exc:  # transformers: unknown model_type, bad JSON
+    except (ValueError, KeyError, OSError, TypeError) as exc:  # unknown model_type, bad JSON, a list
         raise InputError(f"source {folder}: cannot read its config: {exc}") from None
+    except SafetensorError as exc:  # a truncated or foreign file named *.safetensors
+        raise InputError(f"source {folder}: a weights file is not readable safetensors: {exc}") from None
     _check_decoder_only(config, skeleton)
     _check_packable(layers, cfg)
     _check_complete(config, skeleton, set(weights.keys()))

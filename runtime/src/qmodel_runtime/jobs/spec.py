@@ -146,6 +146,8 @@ def parse_input(text: str) -> JobInput:
         raise InputError(
             f"the job input is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
+    except RecursionError:  # thousands of nested brackets: no input document looks like that
+        raise InputError("the job input is not a QuantizeJobInput document: nested too deeply") from None
     try:
         return JobInput.model_validate(data)
     except ValidationError as exc:
