@@ -68,7 +68,7 @@ def admit(custom: client.CustomObjectsApi, namespace: str, name: str, case: fs.C
 
 def generate(count: int) -> list[fs.Case]:
     """``count`` cases, the same ones on every run (derandomized, seeded, no example database)."""
-    drawn: list[fs.Case] = []
+    drawn: list[fs.Spec] = []
 
     @seed(20261123)
     @settings(
@@ -79,12 +79,12 @@ def generate(count: int) -> list[fs.Case]:
         phases=["generate"],
         suppress_health_check=list(HealthCheck),
     )
-    @given(fs.cases(fs.all_violations()))
-    def draw(case: fs.Case) -> None:
-        drawn.append(case)
+    @given(fs.valid_specs())
+    def draw(spec: fs.Spec) -> None:
+        drawn.append(spec)
 
     draw()
-    return drawn
+    return fs.break_in_turn(drawn, fs.all_violations())
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +128,9 @@ def test_invalid_specs_are_refused_naming_the_field(admitted):
         if o.accepted or o.status not in (400, 422) or not named or v.expect not in o.message:
             wrong.append(_show(o))
     assert not wrong, f"{len(wrong)} of {len(invalid)} invalid specs:\n" + "\n".join(wrong[:10])
-    kinds = Counter(o.case.violation.kind for o in invalid)
-    assert set(kinds) == {v.kind for v in fs.all_violations()}, kinds  # every kind of violation drawn
+    every = fs.all_violations()
+    used = {every.index(o.case.violation) for o in invalid}
+    assert len(used) == len(every), f"{len(used)} of {len(every)} violations used"
     FIGURES.update({"invalid": len(invalid), "rejected": sum(not o.accepted for o in invalid)})
 
 
@@ -162,7 +163,10 @@ def real_sample(admitted: list[Outcome], count: int) -> list[tuple[str, dict[str
     sample = []
     for i, spec in enumerate(valid[::step][:count]):
         name = f"fz-real-{i}"
-        spec = with_result(spec, name, baseline=14.09, quantized=14.30)
+        try:
+            spec = with_result(spec, name, baseline=14.09, quantized=14.30)
+        except ValueError:  # the operator refuses it too (a huge exponent): no result to plant
+            pass
         serving = spec.get("serving")
         if serving and serving.get("replicas", 1) > MAX_REPLICAS:
             spec = {**spec, "serving": {**serving, "replicas": MAX_REPLICAS}}
