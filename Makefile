@@ -15,12 +15,12 @@ PYTEST_ARGS ?=
 PACKAGE_FILES := kernels/pyproject.toml runtime/pyproject.toml operator/pyproject.toml constraints.txt \
 	requirements-test.txt scripts/install-python.sh
 
-.PHONY: help setup test lint format assets constraints clean testbed cluster-up cluster-down demo demo-down crd-sync
+.PHONY: help setup test lint format assets constraints clean testbed tools cluster-up cluster-down demo demo-down crd-sync
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
 
-setup: $(VENV)/.setup-done assets testbed  ## virtualenv + all packages (editable, with test deps) + assets + test bed
+setup: $(VENV)/.setup-done assets testbed tools  ## virtualenv + all packages (editable, with test deps) + assets + test bed + scanners
 
 $(VENV)/.setup-done: $(PACKAGE_FILES)
 	PYTHON=$(PYTHON) scripts/install-python.sh $(VENV) dev
@@ -31,6 +31,9 @@ assets: $(VENV)/.setup-done  ## convert the bundled model once into $(QMODEL_CAC
 
 testbed:  ## build the local Kubernetes test bed's binaries into ~/.cache/qmodel-testbed (seconds when cached)
 	bash tests/testbed/install.sh
+
+tools:  ## checkov (the chart scan) in its own virtualenv under ~/.cache/qmodel-tools (a no-op when done)
+	PYTHON=$(PYTHON) scripts/install-checkov.sh >/dev/null
 
 cluster-up: $(VENV)/.setup-done testbed  ## start a local test bed cluster that stays up; prints its kubeconfig
 	PYTHONPATH=tests $(BIN)/python -m testbed up

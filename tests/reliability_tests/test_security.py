@@ -10,11 +10,9 @@ minutes, once per machine) at the pinned version below.
 from __future__ import annotations
 
 import base64
-import fcntl
 import json
 import secrets
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +28,7 @@ from testbed.nodes import DEFAULT_NODE_SETS
 from testbed.processnode.config import ProcessNodeConfig
 from testbed.s3server import S3Server, s3_bucket, s3_server  # noqa: F401  (fixtures)
 
-CHECKOV_VERSION = "3.3.30"
-CHECKOV_VENV = Path.home() / ".cache" / "qmodel-tools" / f"checkov-{CHECKOV_VERSION}"
+REPO = Path(__file__).resolve().parents[2]
 # Findings on the rendered chart that stay, each with the reason. The test fails on any other
 # finding and on an entry here that no longer fails (so the list cannot go stale).
 ALLOWED = {
@@ -63,16 +60,11 @@ CPU_GPU = "TESTBED-CPU-AS-GPU"  # the process node's product: its pods really ru
 
 
 def checkov() -> Path:
-    """The pinned checkov, installed into its own virtualenv once per machine (under a lock)."""
-    binary = CHECKOV_VENV / "bin" / "checkov"
-    CHECKOV_VENV.parent.mkdir(parents=True, exist_ok=True)
-    with open(CHECKOV_VENV.parent / f"checkov-{CHECKOV_VERSION}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not binary.exists():
-            subprocess.run([sys.executable, "-m", "venv", str(CHECKOV_VENV)], check=True)
-            pip = [str(CHECKOV_VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
-            subprocess.run([*pip, "--disable-pip-version-check", f"checkov=={CHECKOV_VERSION}"], check=True)
-    return binary
+    """The pinned checkov in its own virtualenv (``make setup`` installs it; this is a no-op then)."""
+    out = subprocess.run(
+        [str(REPO / "scripts" / "install-checkov.sh")], check=True, capture_output=True, text=True
+    )
+    return Path(out.stdout.strip())
 
 
 def scan(folder: Path) -> tuple[list[dict[str, Any]], int]:
@@ -110,7 +102,7 @@ def test_rendered_chart_has_no_unexplained_checkov_findings(tmp_path):
     assert not unexplained, "checkov findings without a reason in ALLOWED:\n" + "\n".join(unexplained)
     stale = set(ALLOWED) - {f["check_id"] for f in failed}
     assert not stale, f"no longer failing, remove from ALLOWED: {sorted(stale)}"
-    print("\ncheckov " + CHECKOV_VERSION + " on the chart, allowed findings:")
+    print("\ncheckov (scripts/install-checkov.sh) on the chart, allowed findings:")
     for check, reason in ALLOWED.items():
         print(f"  {check}: {reason}")
 
