@@ -23,6 +23,7 @@ import argparse
 import collections
 import contextlib
 import os
+import re
 import secrets
 import sys
 import threading
@@ -131,22 +132,30 @@ def _samples(text: str) -> dict[str, float]:
     return out
 
 
+def _labels(key: str) -> tuple[str, dict[str, str]]:
+    name, _, rest = key.partition("{")
+    return name, dict(re.findall(r'(\w+)="([^"]*)"', rest))
+
+
 def histograms(samples: dict[str, float], name: str) -> dict[str, tuple[float, float, float]]:
-    """{labels: (count, mean, p99 bucket bound)} of one Prometheus histogram."""
+    """{labels: (count, mean, the bucket bound under which 99% fall)} of one Prometheus histogram."""
+    series: dict[str, dict[str, Any]] = {}
+    for key, value in samples.items():
+        metric, labels = _labels(key)
+        le = labels.pop("le", None)
+        entry = series.setdefault(",".join(f'{k}="{v}"' for k, v in sorted(labels.items())), {"buckets": []})
+        if metric == f"{name}_count":
+            entry["count"] = value
+        elif metric == f"{name}_sum":
+            entry["sum"] = value
+        elif metric == f"{name}_bucket" and le is not None:
+            entry["buckets"].append((float(le), value))
     out = {}
-    for key, count in samples.items():
-        if not key.startswith(f"{name}_count") or not count:
-            continue
-        labels = key[len(f"{name}_count") :]
-        total = samples.get(f"{name}_sum{labels}", 0.0)
-        inner = labels[1:-1] + "," if labels else ""
-        bounds = sorted(
-            (float(k.rsplit('le="', 1)[1][:-2]), v)
-            for k, v in samples.items()
-            if k.startswith(f"{name}_bucket{{{inner}le=") and "+Inf" not in k
-        )
-        p99 = next((b for b, v in bounds if v >= 0.99 * count), float("inf"))
-        out[labels] = (count, total / count, p99)
+    for labels, entry in series.items():
+        count = entry.get("count")
+        if count:
+            p99 = next((b for b, v in sorted(entry["buckets"]) if v >= 0.99 * count), float("inf"))
+            out[f"{{{labels}}}" if labels else ""] = (count, entry.get("sum", 0.0) / count, p99)
     return out
 
 
@@ -167,6 +176,7 @@ class ScaleResult:
     create_call: list[float] = field(default_factory=list)  # s, the create call of a QuantizedModel
     model_seen: list[float] = field(default_factory=list)  # s, create QuantizedModel -> seen on a watch
     to_job: list[float] = field(default_factory=list)  # s, create QuantizedModel -> its Job seen
+    seen_to_job: list[float] = field(default_factory=list)  # s, QuantizedModel seen -> its Job seen
     to_ready: list[float] = field(default_factory=list)  # s, create QuantizedModel -> phase Ready
     apply_seconds: float = 0.0  # first create call -> last create call returned
     all_ready_seconds: float | None = None  # first create -> the last model Ready (None: not all)
@@ -199,6 +209,7 @@ class ScaleResult:
         lines.append(row("QuantizedModel: the create call returned", self.create_call))
         lines.append(row("QuantizedModel: seen on a watch", self.model_seen))
         lines.append(row("operator: QuantizedModel created -> its Job seen", self.to_job))
+        lines.append(row("operator's share: QuantizedModel seen -> its Job seen", self.seen_to_job))
         lines.append(row("operator: QuantizedModel created -> phase Ready", self.to_ready))
         ready = f"{self.all_ready_seconds:.1f} s" if self.all_ready_seconds is not None else "NOT all Ready"
         reconciles = self.metrics.get('qmodel_reconciles_total{result="ok"}', 0)
@@ -215,7 +226,8 @@ class ScaleResult:
         ]
         for name in ("qmodel_reconcile_queue_seconds", "qmodel_api_request_duration_seconds"):
             for labels, (count, mean, p99) in sorted(histograms(self.metrics, name).items()):
-                lines.append(f"| {name}{labels} | {count:.0f} | {mean * 1000:.0f} | {p99 * 1000:.0f} |")
+                bound = f"{p99 * 1000:.0f}" if p99 != float("inf") else "> 30000"
+                lines.append(f"| {name}{labels} | {count:.0f} | {mean * 1000:.0f} | {bound} |")
         return "\n".join(lines)
 
 
@@ -271,6 +283,9 @@ def scale_run(
         jobs_seen.wait(list(job_name.values()), ready_timeout)
         result.to_job = _latencies(started, jobs_seen.seen, job_name.__getitem__)
         result.model_seen = _latencies(started, models_seen.seen, lambda n: n)
+        # The operator's own share: from the model on a watch (as the operator's watch gets it)
+        # to its Job on a watch.
+        result.seen_to_job = _latencies(models_seen.seen, jobs_seen.seen, job_name.__getitem__)
         ready_seen.wait(list(job_name), max(1.0, ready_timeout - (time.monotonic() - first)))
         result.to_ready = _latencies(started, ready_seen.seen, lambda n: n)
         if len(result.to_ready) == count:

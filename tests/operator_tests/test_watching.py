@@ -1,14 +1,20 @@
 """The light watches' store: summaries filed by owner, and which models a change concerns.
 
-The list+watch loop itself runs against the real API server in every k8s lifecycle test (the
-operator reads all its children through it); here only the bookkeeping, which decides when a
-model is kicked.
+The bookkeeping, which decides when a model is kicked, without a cluster; then the list+watch
+loop against the test bed's API server (every k8s lifecycle test also runs it: the operator
+reads all its children through it).
 """
 
 from __future__ import annotations
 
+import asyncio
+
+import kopf
+import pytest
+
+from qmodel_operator import watching
 from qmodel_operator.handlers import JOB_KIND, NODE_KIND
-from qmodel_operator.kube import resource_of
+from qmodel_operator.kube import KubeApi, resource_of
 from qmodel_operator.watching import Store
 
 
@@ -79,3 +85,75 @@ def test_api_call_metrics_name_the_resource_not_the_object():
     assert resource_of("/apis/apps/v1/namespaces/ml/deployments/m1") == "deployments"
     assert resource_of("/api/v1/namespaces/ml") == "namespaces"
     assert resource_of("/api/v1/nodes") == "nodes"
+
+
+# --- against the test bed's API server -------------------------------------------------------
+
+
+def _suspended_job(name: str, model: str) -> dict:
+    """A Job the operator would watch; suspended, so no pod is ever made for it."""
+    labels = {
+        "app.kubernetes.io/managed-by": "qmodel-operator",
+        "app.kubernetes.io/component": "quantize",
+        "qmodel.dev/model": model,
+    }
+    pod = {"restartPolicy": "Never", "containers": [{"name": "c", "image": "x", "command": ["true"]}]}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"suspend": True, "template": {"spec": pod}},
+    }
+
+
+async def _until(check, what: str, timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.k8s
+def test_the_watch_lists_then_follows_across_reconnects(k8s_cluster, k8s_api, k8s_namespace, monkeypatch):
+    from kubernetes import client
+
+    monkeypatch.setattr(watching, "WATCH_SECONDS", 1)  # the API server ends each watch after 1 s
+    batch = client.BatchV1Api(k8s_api)
+    ns = k8s_namespace
+    batch.create_namespaced_job(ns, _suspended_job("listed", "a"))  # there before the watch starts
+    info = kopf.ConnectionInfo(server=k8s_cluster.server, token=k8s_cluster.token, insecure=True)
+
+    async def login() -> kopf.ConnectionInfo:
+        return info
+
+    async def scenario() -> int:
+        api = KubeApi(login, limit=4)
+        streams = 0
+        real_stream = api.stream
+
+        def counting_stream(*args, **kwargs):
+            nonlocal streams
+            streams += 1
+            return real_stream(*args, **kwargs)
+
+        api.stream = counting_stream
+        store: Store = Store()
+        listed = asyncio.Event()
+        task = asyncio.create_task(
+            watching.watch_scope(api, JOB_KIND, store, ns, lambda keys: None, listed.set)
+        )
+        try:
+            await _until(listed.is_set, "the first list")
+            assert [j.name for j in store.get((ns, "a"))] == ["listed"]
+            await _until(lambda: streams >= 3, "two reconnects of the watch")
+            await asyncio.to_thread(batch.create_namespaced_job, ns, _suspended_job("watched", "b"))
+            await _until(lambda: store.get((ns, "b")), "the new Job on the watch")
+            await asyncio.to_thread(batch.delete_namespaced_job, "listed", ns)
+            await _until(lambda: not store.get((ns, "a")), "the deleted Job to leave the store")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await api.close()
+        return streams
+
+    assert asyncio.run(scenario()) >= 3

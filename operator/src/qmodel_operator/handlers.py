@@ -114,7 +114,9 @@ SERVICE_KIND = Kind("v1", "services", MANAGED_SELECTOR, _by_owner(service_state)
 NODE_KIND = Kind("v1", "nodes", MEMORY_LABEL, _gpu_node, namespaced=False)
 
 
-def start_watches(api: KubeApi, indexes: StoreIndexes, reconciler: Reconciler, namespaces: tuple[str, ...]):
+def start_watches(
+    api: KubeApi, indexes: StoreIndexes, reconciler: Reconciler, namespaces: tuple[str, ...]
+) -> list[asyncio.Task[None]]:
     """The light watches of the children and GPU nodes (see ``watching``)."""
     children = reconciler.children_changed
     return watching.start(

@@ -3,7 +3,7 @@
     qmodel_models{phase}                       models in each phase
     qmodel_reconciles_total{result}            reconciles, ok or error
     qmodel_reconcile_duration_seconds          one reconcile (read, decide, write)
-    qmodel_reconcile_queue_seconds             from a model's trigger until its reconcile starts
+    qmodel_reconcile_queue_seconds{work}       a trigger until its reconcile starts (work: new, steady)
     qmodel_api_request_duration_seconds{call}  the operator's API calls ("POST jobs"; watches aside)
     qmodel_quantize_jobs_total{outcome}        quantize Jobs that succeeded or failed
     qmodel_quantize_job_duration_seconds       total time the succeeded Jobs reported
@@ -38,7 +38,7 @@ class Metrics:
             "qmodel_reconcile_duration_seconds", "Duration of one reconcile", registry=r
         )
         self.queue_seconds = Histogram(
-            "qmodel_reconcile_queue_seconds", "From a trigger until the reconcile starts",
+            "qmodel_reconcile_queue_seconds", "From a trigger until the reconcile starts", ["work"],
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.api_seconds = Histogram(

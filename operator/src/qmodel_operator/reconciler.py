@@ -11,6 +11,7 @@ pure ``lifecycle.decide`` for a plan, and carries it out through ``kube.KubeApi`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -41,6 +42,12 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, name)
 # Retry delays after a failed reconcile: 1, 2, 4 ... capped at 60 s.
 MAX_BACKOFF_SECONDS = 60.0
+# How long steady work (models whose spec the status has caught up with) holds back while new
+# or changed models wait or run. Their status writes and Events compete with a new model's
+# Job on a busy API server, and every status write is one more event that the API server's
+# watch cache must deliver, in order, before the next new model's (scale benchmark: see
+# operator/README.md). A bound, so steady work never starves under a stream of applies.
+STEADY_HOLD_SECONDS = 10.0
 # An API server's refusal lists every bad field with its regex: 20 bad labels make ~10 kB.
 MAX_REFUSAL_CHARS = 4000
 # How often the pods of a Deployment short of ready replicas are looked at again (one LIST each).
@@ -142,6 +149,9 @@ class Reconciler:
         # one never waits behind the steady work of hundreds of others.
         self._slots = asyncio.Semaphore(settings.workers)
         self._urgent_slots = asyncio.Semaphore(settings.workers)
+        self._urgent_pending = 0  # urgent reconciles waiting for a slot or running
+        self._calm = asyncio.Event()  # set while none is
+        self._calm.set()
         # The newest body of each model we know of: from its watch events and our own writes'
         # answers, so most reconciles need no GET (dropped on errors and resyncs: those GET).
         self._bodies: dict[Key, dict[str, Any]] = {}
@@ -239,11 +249,10 @@ class Reconciler:
             self._again.discard(key)
             started = time.monotonic()
             try:
-                async with self._urgent_slots if self._urgent(key) else self._slots:
-                    kicked = self._kicked.pop(key, None)
-                    if kicked is not None:
-                        self.metrics.queue_seconds.observe(time.monotonic() - kicked)
-                    await self.reconcile(key)
+                if self._urgent(key):
+                    await self._urgent_turn(key)
+                else:
+                    await self._steady_turn(key)
             except ApiError as e:
                 if e.namespace_terminating:
                     # The namespace is going, and the model with it: nothing left to converge.
@@ -261,6 +270,30 @@ class Reconciler:
             self.metrics.reconcile_seconds.observe(time.monotonic() - started)
             if key not in self._again:
                 return
+
+    async def _urgent_turn(self, key: Key) -> None:
+        self._urgent_pending += 1
+        self._calm.clear()
+        try:
+            async with self._urgent_slots:
+                await self._reconcile_now(key, "new")
+        finally:
+            self._urgent_pending -= 1
+            if not self._urgent_pending:
+                self._calm.set()
+
+    async def _steady_turn(self, key: Key) -> None:
+        if not self._calm.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._calm.wait(), STEADY_HOLD_SECONDS)
+        async with self._slots:
+            await self._reconcile_now(key, "steady")
+
+    async def _reconcile_now(self, key: Key, work: str) -> None:
+        kicked = self._kicked.pop(key, None)
+        if kicked is not None:
+            self.metrics.queue_seconds.labels(work).observe(time.monotonic() - kicked)
+        await self.reconcile(key)
 
     def _urgent(self, key: Key) -> bool:
         body = self._bodies.get(key)

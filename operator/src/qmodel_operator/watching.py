@@ -40,7 +40,7 @@ class Kind(Generic[S]):
     api_version: str
     plural: str
     selector: str
-    # (namespace, labels, body) -> the key it is filed under (None: not ours) and its summary.
+    # body -> (the key it is filed under, its summary), or None when it is no model's.
     summarize: Callable[[dict[str, Any]], tuple[Any, S] | None]
     namespaced: bool = True
 
