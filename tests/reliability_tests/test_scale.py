@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "operator" / "benchmarks" / "scale.py"
 MODELS, NODES = 100, 20
-# Measured 30-40 s until all Ready on the loaded development machine (load 6-12); five times that.
+# Measured 27-37 s until all Ready on the loaded development machine (load 4-8); six times that.
 READY_DEADLINE_SECONDS = 240.0
 
 

@@ -1,7 +1,8 @@
 """Light list+watch of the children the operator reads (Jobs, Deployments, Services) and GPU nodes.
 
 Each kind is listed once, then watched from the list's resourceVersion (bookmarks keep it
-fresh; a 410 Gone lists again, a broken stream resumes where it stopped). Every event is
+fresh; a watch the server ends resumes from the last version seen; a 410 Gone or an error lists
+again, after a pause for errors). Every event is
 reduced to a compact summary (``observed``) kept in a ``Store``; the callback hears of it only
 when that summary changed, which is all a level-triggered decision can react to (a Job's
 ``uncountedTerminatedPods`` or a node's heartbeat change nothing).
@@ -143,11 +144,18 @@ async def watch_scope(
         except Gone:
             log.debug("%s watch in %s: version too old, listing again", kind.plural, namespace or "all")
         except (ApiError, aiohttp.ClientError, TimeoutError, ValueError) as e:
-            delay = RETRY_SECONDS[min(failures, len(RETRY_SECONDS) - 1)]
             failures += 1
             where = namespace or "all namespaces"
-            log.warning("%s watch in %s failed (%s); again in %.0f s", kind.plural, where, e, delay)
-            await asyncio.sleep(delay)
+            log.warning("%s watch in %s failed (%s); listing again", kind.plural, where, e)
+            await _pause(failures)
+        except Exception:  # a bug must not end the watch: the operator would go blind to it
+            failures += 1
+            log.exception("%s watch in %s failed; listing again", kind.plural, namespace or "all namespaces")
+            await _pause(failures)
+
+
+async def _pause(failures: int) -> None:
+    await asyncio.sleep(RETRY_SECONDS[min(failures, len(RETRY_SECONDS)) - 1])
 
 
 async def _watch(
