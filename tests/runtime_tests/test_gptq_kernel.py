@@ -17,13 +17,16 @@ import torch
 
 from qmodel_runtime.quantizer import QuantConfig
 
-# (rows, columns, bits, group, sym, act-order): groups inside blocks, per channel (one grid
-# for all blocks), groups of whole blocks, a partial last block, rows not a multiple of the tile.
+# (rows, columns, bits, group, sym, act-order, clip steps): groups inside blocks, per channel
+# (one grid for all blocks), groups of whole blocks, a partial last block, rows not a multiple of
+# the tile, and the clipping search where grids are found outside the kernel.
 CASES = [
-    (40, 256, 4, 32, False, False),
-    (33, 200, 3, -1, True, False),
-    (24, 256, 8, 128, False, True),
-    (20, 160, 2, 32, False, True),
+    (40, 256, 4, 32, False, False, 0),
+    (33, 200, 3, -1, True, False, 0),
+    (24, 256, 8, 128, False, True, 0),
+    (20, 160, 2, 32, False, True, 0),
+    (24, 256, 4, 128, False, True, 20),
+    (17, 200, 3, -1, False, False, 20),
 ]
 
 SCRIPT = r"""
@@ -31,12 +34,12 @@ import json, sys, torch
 from qmodel_runtime.gptq import GPTQ
 from qmodel_runtime.quantizer import QuantConfig
 out = []
-for rows, cols, bits, group, sym, act in json.loads(sys.argv[1]):
+for rows, cols, bits, group, sym, act, clip in json.loads(sys.argv[1]):
     gen = torch.Generator().manual_seed(rows)
     mix = torch.randn(cols, cols, generator=gen) * 0.2 + torch.eye(cols)
     x = torch.randn(2048, cols, generator=gen) @ mix
     w = torch.randn(rows, cols, generator=gen) * 0.02
-    cfg = QuantConfig(bits=bits, group_size=group, sym=sym, desc_act=act)
+    cfg = QuantConfig(bits=bits, group_size=group, sym=sym, desc_act=act, clip_steps=clip)
     results = []
     for fused in (False, True):
         g = GPTQ(cols, "cpu")
@@ -89,12 +92,13 @@ def test_unsupported_settings_stay_on_the_pytorch_loop():
     assert gptq_triton.supports(QuantConfig(group_size=-1), 576)
     assert not gptq_triton.supports(QuantConfig(group_size=100), 100)
     assert not gptq_triton.supports(QuantConfig(group_size=64, desc_act=True, static_groups=True), 64)
-    assert not gptq_triton.supports(QuantConfig(group_size=64, clip_steps=10), 64)
+    assert not gptq_triton.supports(QuantConfig(group_size=64, clip_steps=10), 64)  # grids in-kernel
+    assert gptq_triton.supports(QuantConfig(group_size=128, clip_steps=10), 128)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows, cols, bits, group, sym, act", CASES)
-def test_fused_loop_on_cuda(rows, cols, bits, group, sym, act):
+@pytest.mark.parametrize("rows, cols, bits, group, sym, act, clip", CASES)
+def test_fused_loop_on_cuda(rows, cols, bits, group, sym, act, clip):
     from qmodel_runtime.gptq import GPTQ
 
     gen = torch.Generator().manual_seed(rows)
@@ -102,7 +106,7 @@ def test_fused_loop_on_cuda(rows, cols, bits, group, sym, act):
         torch.randn(cols, cols, generator=gen) * 0.2 + torch.eye(cols)
     )
     w = torch.randn(rows, cols, generator=gen) * 0.02
-    cfg = QuantConfig(bits=bits, group_size=group, sym=sym, desc_act=act)
+    cfg = QuantConfig(bits=bits, group_size=group, sym=sym, desc_act=act, clip_steps=clip)
     out = []
     for fused in (False, True):
         g = GPTQ(cols, "cuda")

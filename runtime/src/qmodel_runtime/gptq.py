@@ -246,7 +246,7 @@ class _Sweep:
             if not in_block and i1 % width == 0:  # a group starts with this block; nothing pending
                 g = i1 // width
                 self.scales[g], self.zeros[g] = grid_params(
-                    W[:, i1 : i1 + width], self.cfg.bits, self.cfg.sym
+                    W[:, i1 : i1 + width], self.cfg.bits, self.cfg.sym, self.cfg.clip_steps
                 )
             Q1, Err1 = gptq_triton.quantize_block(
                 W[:, i1:i2].contiguous(), Hinv[i1:i2, i1:i2], self.scales, self.zeros,

@@ -130,9 +130,12 @@ class KernelUnavailable(RuntimeError):
 
 def supports(cfg, width: int) -> bool:
     """Whether the fused block loop handles these settings (else the PyTorch loop runs):
-    groups aligned with blocks of at most 128 columns, no static groups, no clipping search."""
+    groups aligned with blocks of at most 128 columns, no static groups, and the clipping search
+    only where grids are found outside the kernel (groups of whole blocks, or per channel)."""
     aligned = cfg.group_size == -1 or width % cfg.block_size == 0 or cfg.block_size % width == 0
-    return cfg.block_size <= 128 and not cfg.static_groups and cfg.clip_steps == 0 and aligned
+    grids_outside = width >= cfg.block_size
+    clip_ok = cfg.clip_steps == 0 or grids_outside
+    return cfg.block_size <= 128 and not cfg.static_groups and clip_ok and aligned
 
 
 def quantize_block(

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from qmodel_runtime.quantizer import QuantConfig
+from qmodel_runtime.quantizer import GPTQ_CLIP_STEPS, QuantConfig
 
 SCHEMA_PATH = Path(__file__).with_name("job-input.schema.json")
 API_VERSION = "qmodel.dev/v1alpha1"
@@ -108,6 +108,7 @@ class Quantization(_Model):
             damp_percent=self.damp_percent,
             true_sequential=self.true_sequential,
             method=self.method,
+            clip_steps=GPTQ_CLIP_STEPS if self.method == "gptq" else 0,
         )
 
 
