@@ -47,11 +47,13 @@ def _no_wildcards(docs: list[dict]) -> None:
 
 
 def test_the_table_covers_every_kind_the_operator_touches():
-    """Every resource the operator's API layer and kopf watches name has a line in the table."""
+    """Every resource the operator's API layer, kopf and its own watches name has a line in the table."""
     touched = {plural for plural in PLURALS.values()} | {"quantizedmodels/status"}
-    watched = {h[2] for h in (handlers.MODELS, handlers.JOBS, handlers.DEPLOYMENTS, handlers.SERVICES)}
+    kinds = (handlers.JOB_KIND, handlers.DEPLOYMENT_KIND, handlers.SERVICE_KIND)
+    watched = {handlers.MODELS[2]} | {kind.plural for kind in kinds}
+    assert all(kind.namespaced for kind in kinds) and not handlers.NODE_KIND.namespaced
     assert touched | watched == {resource for _, resource in NAMESPACED}
-    assert handlers.NODES[2] in {resource for _, resource in CLUSTER}
+    assert handlers.NODE_KIND.plural in {resource for _, resource in CLUSTER}
 
 
 def test_namespaced_by_default_a_role_per_watched_namespace():
