@@ -63,8 +63,14 @@ def k8s_namespace(request, k8s_cluster, k8s_api) -> str:
     def sa_exists() -> bool:
         return any(sa.metadata.name == "default" for sa in core.list_namespaced_service_account(name).items)
 
-    # Pods are refused until the namespace's default ServiceAccount exists (admission).
+    def root_ca_exists() -> bool:
+        found = core.list_namespaced_config_map(name, field_selector="metadata.name=kube-root-ca.crt")
+        return bool(found.items)
+
+    # Pods are refused until the namespace's default ServiceAccount exists (admission), and their
+    # service-account volume waits for the kube-root-ca.crt ConfigMap the controller manager publishes.
     wait_until(sa_exists, f"ServiceAccount {name}/default", timeout=60)
+    wait_until(root_ca_exists, f"ConfigMap {name}/kube-root-ca.crt", timeout=60)
     yield name
     core.delete_namespace(name, propagation_policy="Background")
 
