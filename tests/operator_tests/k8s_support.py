@@ -159,14 +159,15 @@ class Models:
         self.apps = client.AppsV1Api(api)
         self.core = client.CoreV1Api(api)
 
-    def create(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    def create(self, name: str, spec: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "QuantizedModel",
             "metadata": {"name": name},
             "spec": spec,
         }
-        return self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, body)
+        extra = {"dry_run": "All"} if dry_run else {}
+        return self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, body, **extra)
 
     def get(self, name: str) -> dict[str, Any] | None:
         try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from operator_tests.support import settings
+from operator_tests.support import settings, spec_body
 from operator_tests.test_reconciler import _NoIndexes
 
 from qmodel_operator import reconciler as rc
@@ -26,7 +26,7 @@ class Held(rc.Reconciler):
         self.started: list[tuple[str, str]] = []
         self.gate = asyncio.Event()
 
-    async def reconcile(self, key):
+    async def reconcile(self, key, urgent=False):
         self.started.append(key)
         if key == NEW:
             await self.gate.wait()
@@ -72,3 +72,70 @@ def test_steady_work_is_held_back_no_longer_than_the_bound(monkeypatch):
         return started
 
     assert asyncio.run(scenario()) == [NEW, STEADY]
+
+
+class _Api:
+    """A stand-in for KubeApi (no cluster makes this ordering deterministic): records the calls;
+    the Job of ``held`` is created only once the gate opens."""
+
+    def __init__(self, held: str) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.held, self.gate = held, asyncio.Event()
+        self.version = 100
+
+    async def create(self, manifest):
+        model = manifest["metadata"]["labels"]["qmodel.dev/model"]
+        if model == self.held:
+            await self.gate.wait()
+        self.calls.append(("create " + manifest["kind"], model))
+        return True
+
+    async def set_status(self, namespace, name, status):
+        self.calls.append(("status", name))
+        self.version += 1
+        meta = {"name": name, "namespace": namespace, "uid": f"uid-{name}", "generation": 1}
+        return {"metadata": {**meta, "resourceVersion": str(self.version)}, "status": status}
+
+    async def post_event(self, ref, type_, reason, message, now):
+        self.calls.append(("event", ref.name))
+
+
+def _model(name: str, version: str) -> dict:
+    meta = {"name": name, "namespace": "ml", "uid": f"uid-{name}", "generation": 1}
+    meta["resourceVersion"] = version
+    return {"metadata": meta, "spec": spec_body()}
+
+
+def test_a_new_model_leaves_its_status_for_later_while_others_wait_and_loses_nothing():
+    async def scenario():
+        api = _Api(held="a")
+        rec = rc.Reconciler(api=api, settings=settings(), indexes=_NoIndexes(), metrics=Metrics())
+        rec.model_event("ADDED", ("ml", "a"), _model("a", "1"))
+        await asyncio.sleep(0.01)  # a's Job create is held: a runs, urgent
+        rec.model_event("ADDED", ("ml", "b"), _model("b", "2"))  # b arrives meanwhile
+        await asyncio.sleep(0.01)
+        api.gate.set()
+        await rec.idle()
+        return api.calls
+
+    calls = asyncio.run(scenario())
+    # b's Job is made while a is still urgent (held): b leaves its status and Events to a steady
+    # turn, after a's Job; they do come (deferring loses nothing). The stand-in has no index, so
+    # b's later turn asks for its Job again (the API server answers 409: a no-op).
+    assert calls[:2] == [("create Job", "b"), ("create Job", "a")]
+    # a, the last urgent one, writes its status in the same turn as its Job.
+    assert calls[2:4] == [("status", "a"), ("event", "a")]
+    assert ("status", "b") in calls[4:] and ("event", "b") in calls[4:]
+
+
+def test_a_lone_new_model_writes_its_status_in_the_same_turn():
+    async def scenario():
+        api = _Api(held="")
+        rec = rc.Reconciler(api=api, settings=settings(), indexes=_NoIndexes(), metrics=Metrics())
+        rec.model_event("ADDED", ("ml", "a"), _model("a", "1"))
+        await rec.idle()
+        return api.calls, rec
+
+    calls, rec = asyncio.run(scenario())
+    assert calls[:2] == [("create Job", "a"), ("status", "a")]
+    assert not rec._children_done

@@ -38,7 +38,7 @@ class Recording(Reconciler):
         self.gate = asyncio.Event()
         self.failures = failures
 
-    async def reconcile(self, key):
+    async def reconcile(self, key, urgent=False):
         self.calls.append(key)
         await self.gate.wait()
         if self.failures:

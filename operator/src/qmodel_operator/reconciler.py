@@ -163,6 +163,9 @@ class Reconciler:
         self._own_versions: dict[Key, str] = {}
         self._gpu_signature: tuple[Any, ...] | None = None
         self._rechecks: dict[Key, asyncio.TimerHandle] = {}
+        # Models whose children for this generation are made while others waited, and whose
+        # status and Events were left to a steady turn (generation): see ``_act``.
+        self._children_done: dict[Key, int] = {}
 
     # --- triggers --------------------------------------------------------------------------
 
@@ -171,6 +174,7 @@ class Reconciler:
             self._known.discard(key)
             self._own_versions.pop(key, None)
             self._bodies.pop(key, None)
+            self._children_done.pop(key, None)
             self.metrics.set_phase(key, None)
             if (handle := self._rechecks.pop(key, None)) is not None:
                 handle.cancel()
@@ -293,14 +297,19 @@ class Reconciler:
         kicked = self._kicked.pop(key, None)
         if kicked is not None:
             self.metrics.queue_seconds.labels(work).observe(time.monotonic() - kicked)
-        await self.reconcile(key)
+        await self.reconcile(key, urgent=work == "new")
+        if work == "steady":
+            self._children_done.pop(key, None)
 
     def _urgent(self, key: Key) -> bool:
         body = self._bodies.get(key)
         if body is None:
             return False
+        generation = body["metadata"].get("generation")
+        if self._children_done.get(key) == generation:
+            return False  # only its status and Events are left: steady work
         status = body.get("status") or {}
-        return status.get("observedGeneration") != body["metadata"].get("generation")
+        return status.get("observedGeneration") != generation
 
     def _retry_later(self, key: Key, why: str) -> None:
         self._bodies.pop(key, None)  # the retry reads the model afresh
@@ -310,7 +319,7 @@ class Reconciler:
         log.warning("%s/%s: reconcile failed (%s); retrying in %.0f s", *key, why, delay)
         asyncio.get_running_loop().call_later(delay, self.kick, key)
 
-    async def reconcile(self, key: Key) -> None:
+    async def reconcile(self, key: Key, urgent: bool = False) -> None:
         namespace, name = key
         body = self._bodies.get(key)
         if body is None:
@@ -336,11 +345,13 @@ class Reconciler:
         if lifecycle.server_pods_needed(observed):
             observed = replace(observed, server_problem=await self._server_problem(key))
         plan = lifecycle.decide(observed, self.settings)
-        await self._act(key, body, observed, plan)
+        await self._act(key, body, observed, plan, urgent)
         if lifecycle.server_pods_needed(observed):
             self._recheck_later(key)
 
-    async def _act(self, key: Key, body: dict[str, Any], observed: Observed, plan: lifecycle.Plan) -> None:
+    async def _act(
+        self, key: Key, body: dict[str, Any], observed: Observed, plan: lifecycle.Plan, urgent: bool = False
+    ) -> None:
         namespace, name = key
         version = body["metadata"]["resourceVersion"]
         if plan.add_finalizer:
@@ -361,6 +372,13 @@ class Reconciler:
         for ref in plan.delete:
             await self.api.delete(ref.api_version, ref.kind, namespace, ref.name)
             log.info("%s/%s: deleted %s %s", namespace, name, ref.kind, ref.name)
+        if urgent and self._defer_bookkeeping(plan):
+            # Other new models wait: their Jobs first, this one's status and Events in a steady
+            # turn (soon after the burst, at most STEADY_HOLD_SECONDS later). On a busy API
+            # server each write here delays the next model's Job (scale benchmark).
+            self._children_done[key] = observed.generation
+            self.kick(key)
+            return
         if plan.status is not None:
             version = await self._write_status(key, body, plan.status) or version
         await self._post_events(observed, plan.events)
@@ -370,6 +388,14 @@ class Reconciler:
         if plan.status is not None:
             self.metrics.set_phase(key, plan.status.phase)
             self.metrics.count(plan.events, plan.status.quantization.seconds)
+
+    def _defer_bookkeeping(self, plan: lifecycle.Plan) -> bool:
+        """Whether an urgent reconcile that made children leaves its status and Events for later:
+        only while other urgent reconciles wait or run, and never around a finalizer."""
+        made = bool(plan.create or plan.apply or plan.delete)
+        bookkeeping = plan.status is not None or bool(plan.events)
+        finalizer = plan.add_finalizer or plan.remove_finalizer
+        return made and bookkeeping and not finalizer and self._urgent_pending > 1
 
     async def _server_problem(self, key: Key) -> str | None:
         namespace, name = key
