@@ -38,7 +38,7 @@ def constraints(schema: dict[str, Any]) -> list[str]:
     """Enum, range, length and nullability, in words."""
     out = []
     if "enum" in schema:
-        out.append("one of " + ", ".join(f"`{v}`" for v in schema["enum"]))
+        out.append("one of " + ", ".join(f"`{v}`" if v != "" else '`""`' for v in schema["enum"]))
     low, high = schema.get("minimum"), schema.get("maximum")
     if low is not None or high is not None:
         op = ">" if schema.get("exclusiveMinimum") else ">="

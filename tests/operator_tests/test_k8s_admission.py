@@ -109,3 +109,139 @@ def test_examples_are_accepted(models, example):
     models.custom.create_namespaced_custom_object(
         "qmodel.dev", "v1alpha1", models.ns, "quantizedmodels", body, dry_run="All"
     )
+
+
+# --- what a Job or Deployment may not carry: refused here, not at reconcile time ---------------
+
+LABEL_KEYS = "keys must be label keys"
+TOLERATE = "spec.jobs.tolerations[0]"
+CHILD_CASES = [
+    ("label-key", spec_body(serving={"nodeSelector": {"ü": "x"}}), f"nodeSelector {LABEL_KEYS}"),
+    ("label-prefix", spec_body(jobs={"podLabels": {"a.-b/x": "y"}}), f"podLabels {LABEL_KEYS}"),
+    ("label-long-name", spec_body(jobs={"nodeSelector": {"k" * 64: "y"}}), f"nodeSelector {LABEL_KEYS}"),
+    (
+        "label-long-prefix",
+        spec_body(serving={"podLabels": {"a" * 254 + "/k": "y"}}),
+        f"podLabels {LABEL_KEYS}",
+    ),
+    (
+        "label-value",
+        spec_body(serving={"podLabels": {"team": "a b"}}),
+        "spec.serving.podLabels.team: Invalid value",
+    ),
+    (
+        "label-value-long",
+        spec_body(jobs={"nodeSelector": {"k": "v" * 64}}),
+        "spec.jobs.nodeSelector.k: Too long",
+    ),
+    (
+        "annotation-key",
+        spec_body(jobs={"podAnnotations": {"a b": ""}}),
+        "podAnnotations keys must be qualified",
+    ),
+    (
+        "toleration-no-key",
+        spec_body(jobs={"tolerations": [{"key": "", "operator": "Equal"}]}),
+        f"{TOLERATE}: Invalid value: a toleration without a key must have operator Exists",
+    ),
+    (
+        "toleration-exists-value",
+        spec_body(jobs={"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}),
+        "a toleration with operator Exists must have no value",
+    ),
+    (
+        "toleration-seconds",
+        spec_body(jobs={"tolerations": [{"key": "k", "operator": "Exists", "tolerationSeconds": 5}]}),
+        "tolerationSeconds applies to effect NoExecute only",
+    ),
+    (
+        "toleration-operator",
+        spec_body(jobs={"tolerations": [{"key": "k", "operator": "In"}]}),
+        f'{TOLERATE}.operator: Unsupported value: "In"',
+    ),
+    (
+        "toleration-key",
+        spec_body(jobs={"tolerations": [{"key": "ü", "operator": "Exists"}]}),
+        f"{TOLERATE}.key",
+    ),
+    (
+        "toleration-key-prefix",
+        spec_body(jobs={"tolerations": [{"key": "a" * 254 + "/k", "operator": "Exists"}]}),
+        "a toleration key's prefix (before '/') must be a DNS subdomain",
+    ),
+    (
+        "toleration-value",
+        spec_body(jobs={"tolerations": [{"key": "k", "value": "a/b"}]}),
+        f"{TOLERATE}.value",
+    ),
+    ("secret", spec_body(source={"uri": "s3://models/m/", "credentialsSecret": "a.-b"}), "credentialsSecret"),
+    ("secret-dots", spec_body(artifacts={"credentialsSecret": "a..b"}), "spec.artifacts.credentialsSecret"),
+    (
+        "negative",
+        spec_body(jobs={"resources": {"requests": {"cpu": "-1m"}}}),
+        "spec.jobs.resources.requests.cpu",
+    ),
+    (
+        "negative-int",
+        spec_body(serving={"resources": {"limits": {"memory": -1}}}),
+        "greater than or equal to 0",
+    ),
+    (
+        "exponent",
+        spec_body(jobs={"resources": {"limits": {"memory": ".2e-7907297307251171"}}}),
+        "spec.jobs.resources.limits.memory",
+    ),
+    ("exponent-decimal", spec_body(jobs={"resources": {"limits": {"cpu": "1e1.5"}}}), "limits.cpu"),
+    (
+        "resource-name",
+        spec_body(jobs={"resources": {"limits": {"gpu": 1}}}),
+        "resource names must be cpu, memory",
+    ),
+    (
+        "resource-kubernetes-io",
+        spec_body(serving={"resources": {"requests": {"kubernetes.io/x": 1}}}),
+        "resource names must be",
+    ),
+    ("uri-control", spec_body(source={"uri": "s3://models/a\x01b/"}), "spec.source.uri: Invalid value"),
+    ("uri-del", spec_body(artifacts={"uri": "file:///a\x7fb/"}), "spec.artifacts.uri: Invalid value"),
+    ("served-name", spec_body(serving={"servedModelName": "a\x1bb"}), "spec.serving.servedModelName"),
+    ("product", spec_body(serving={"gpu": {"products": ["NVIDIA A100/80GB"]}}), "products[0]: Invalid value"),
+]
+
+
+@pytest.mark.parametrize(("case", "spec", "message"), CHILD_CASES, ids=[c[0] for c in CHILD_CASES])
+def test_what_a_child_may_not_carry_is_refused(models, case, spec, message):
+    assert message in _refusal(models, f"bad-{case}", spec)
+
+
+def test_what_a_child_may_carry_is_accepted_up_to_the_limits(models):
+    """The boundaries of each rule above: all of this is valid for a Job and a Deployment."""
+    longest = "a" * 63
+    prefix = ".".join(["b" * 63] * 3) + "." + "c" * 61  # 253 characters
+    labels = {f"{prefix}/{longest}": longest, "A_b.C-1": "", "x": "Y"}
+    tolerations = [
+        {"operator": "Exists"},  # no key: tolerates everything
+        {"key": "example.com/k", "operator": "Exists", "value": "", "effect": ""},
+        {"key": f"{prefix}/{longest}", "operator": "Equal", "value": longest, "effect": "NoSchedule"},
+        {"key": "k", "value": "v", "effect": "NoExecute", "tolerationSeconds": 0},
+    ]
+    resources = {
+        "requests": {"cpu": "+1.5", "memory": "1e99", "ephemeral-storage": ".5Gi", "hugepages-2Mi": 0},
+        "limits": {"memory": "64Gi", "example.com/widget": 2, "cpu": "2E-07"},
+    }
+    spec = spec_body(
+        source={"uri": "s3://models/smollm2/ü€/", "credentialsSecret": "s3.creds-1"},
+        artifacts={"credentialsSecret": "a" * 253},
+        serving={
+            "nodeSelector": labels,
+            "podLabels": labels,
+            "podAnnotations": {"Example.COM/Owner": "team\tα\n"},
+            "tolerations": tolerations,
+            "resources": resources,
+            "servedModelName": "org/Model name ü",
+            "gpu": {"products": ["NVIDIA-A100-SXM4-80GB"]},
+        },
+        jobs={"nodeSelector": labels, "tolerations": tolerations, "resources": resources},
+    )
+    created = models.create("boundaries", spec)
+    assert created["spec"]["serving"]["nodeSelector"] == labels

@@ -29,6 +29,13 @@ MAX_TEXT, MAX_ENTRIES = 24, 3
 # Any character JSON and the API server carry (no lone surrogates, which UTF-8 cannot encode).
 TEXT = st.characters(codec="utf-8")
 RESERVED_LABEL_PREFIXES = ("qmodel.dev/", "app.kubernetes.io/")
+# Map keys the CRD checks with CEL (label keys, annotation keys, resource names): the structural
+# schema cannot state a key pattern, so valid keys come from these instead of free text.
+LABEL_KEY = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9]$"
+)
+RESOURCE_NAMES = ("cpu", "memory", "ephemeral-storage", "hugepages-2Mi", "example.com/widget")
 
 Path_ = tuple[str, ...]  # keys from spec down; "[]" is the first item of a list
 Spec = dict[str, Any]
@@ -97,7 +104,16 @@ def _object(node: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
         )
     values = from_schema(node.get("additionalProperties", {"type": "string"}))
     size = min(node.get("maxProperties", MAX_ENTRIES), MAX_ENTRIES)
-    return st.dictionaries(st.text(TEXT, min_size=1, max_size=MAX_TEXT), values, max_size=size)
+    return st.dictionaries(_keys(node), values, max_size=size)
+
+
+def _keys(node: dict[str, Any]) -> st.SearchStrategy[str]:
+    messages = " ".join(r["message"] for r in node.get("x-kubernetes-validations", ()))
+    if "resource names must be" in messages:
+        return st.sampled_from(RESOURCE_NAMES)
+    if "keys must be" in messages:  # label keys, annotation keys: a prefix of at most 253 characters
+        return st.from_regex(LABEL_KEY, fullmatch=True).filter(lambda k: len(k.partition("/")[0]) <= 253)
+    return st.text(TEXT, min_size=1, max_size=MAX_TEXT)
 
 
 def satisfy_rules(spec: Spec) -> Spec:
@@ -117,7 +133,21 @@ def satisfy_rules(spec: Spec) -> Spec:
         labels = (spec.get(section) or {}).get("podLabels")
         for key in [k for k in labels or () if k.startswith(RESERVED_LABEL_PREFIXES)]:
             del labels[key]
+        for toleration in (spec.get(section) or {}).get("tolerations") or ():
+            _satisfy_toleration(toleration)
     return spec
+
+
+def _satisfy_toleration(toleration: dict[str, Any]) -> None:
+    """core/v1's toleration rules, as the CRD's CEL rules state them."""
+    if len(toleration.get("key", "").partition("/")[0]) > 253:
+        toleration["key"] = "example.com/key"
+    if not toleration.get("key"):
+        toleration["operator"] = "Exists"
+    if toleration.get("operator") == "Exists":
+        toleration.pop("value", None)
+    if "tolerationSeconds" in toleration:
+        toleration["effect"] = "NoExecute"
 
 
 def valid_specs() -> st.SearchStrategy[Spec]:
@@ -216,7 +246,10 @@ def _violations_at(path: Path_, node: dict[str, Any]) -> list[Violation]:
     if "maximum" in node:
         out.append(Violation("maximum", path, node["maximum"] + 1, "should be less than or equal to"))
     if "pattern" in node:
-        out.append(Violation("pattern", path, "Not A/Valid Value", "should match"))
+        bad = next(
+            v for v in ("Not A/Valid Value", "control\x01character") if not re.search(node["pattern"], v)
+        )
+        out.append(Violation("pattern", path, bad, "should match"))
     if "maxLength" in node:
         out.append(Violation("maxLength", path, "a" * (node["maxLength"] + 1), "Too long"))
     if "maxItems" in node:
@@ -256,10 +289,38 @@ _rule(("quantization", "groupSize"), "groupSize must be", ("quantization", "grou
 _rule(("artifacts", "uri"), "artifacts.uri is immutable", (), None)  # updates only: see test_k8s_admission
 _rule(("serving", "strategy"), "maxSurge and maxUnavailable", ("serving", "strategy", "maxUnavailable"), 0,
       lambda spec: _parent(spec, ("serving", "strategy", "x")).update(maxSurge=0))  # fmt: skip
+_TOLERATIONS_BROKEN = {
+    "a toleration without a key": {"operator": "Equal", "value": "x"},  # core/v1 refused `{"key": ""}`
+    "a toleration with operator Exists": {"key": "example.com/k", "operator": "Exists", "value": "x"},
+    "tolerationSeconds applies": {
+        "key": "k",
+        "operator": "Exists",
+        "effect": "NoSchedule",
+        "tolerationSeconds": 5,
+    },
+}
 for _section in ("serving", "jobs"):
     _rule(
         (_section, "podLabels"), "podLabels may not use", (_section, "podLabels"), {"qmodel.dev/model": "x"}
     )
+    _rule((_section, "podLabels"), "podLabels keys must be", (_section, "podLabels"), {"\u00fc": "x"})
+    _rule(
+        (_section, "nodeSelector"), "nodeSelector keys must be", (_section, "nodeSelector"), {"a.-b/x": "y"}
+    )
+    _rule(
+        (_section, "podAnnotations"), "podAnnotations keys must be", (_section, "podAnnotations"), {"a b": ""}
+    )
+    for _kind in ("requests", "limits"):
+        _rule(
+            (_section, "resources", _kind),
+            "resource names must be",
+            (_section, "resources", _kind),
+            {"gpu": 1},
+        )
+    for _start, _broken in _TOLERATIONS_BROKEN.items():
+        _rule((_section, "tolerations", "[]"), _start, (_section, "tolerations", "[]"), _broken)
+    _key = (_section, "tolerations", "[]", "key")
+    _rule(_key, "a toleration key's prefix", _key, "a" * 254 + "/k")
 
 
 def cel_rules(schema: dict[str, Any]) -> list[tuple[Path_, str]]:

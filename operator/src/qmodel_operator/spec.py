@@ -17,18 +17,23 @@ from pydantic.alias_generators import to_camel
 
 # One pattern per URI kind, identical to the CRD's (the drift test compares them).
 STORAGE_URI = (
-    r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/\S*)?|file:///\S*"
-    r"|pvc://[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?(/\S*)?)$"
+    r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\x00-\x20\x7f-\x9f]*)?|file:///[^\x00-\x20\x7f-\x9f]*"
+    r"|pvc://[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?(/[^\x00-\x20\x7f-\x9f]*)?)$"
 )
 DATASET = (
     r"^(wiki-vital|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/\S+|file:///\S+"
     r"|pvc://[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?/\S+)$"
 )
-SECRET_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
-QUANTITY = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]"
-    r"|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+SECRET_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# Non-negative, and exponents of at most two digits (see MAX_QUANTITY_EXPONENT_DIGITS).
+QUANTITY = r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?[0-9]{1,2}))?$"
+# Kubernetes label values, and toleration keys (a label key, or empty).
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+TOLERATION_KEY = (
+    r"^(([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
 )
+NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f]*$"
 RESERVED_LABEL_PREFIXES = ("qmodel.dev/", "app.kubernetes.io/")
 
 
@@ -89,8 +94,8 @@ class Artifacts(_Model):
     delete_policy: Literal["Retain", "Delete"] = "Retain"
 
 
-Quantity = int | Annotated[str, StringConstraints(pattern=QUANTITY)]
-LabelValue = Annotated[str, StringConstraints(max_length=63)]
+Quantity = Annotated[int, Field(ge=0)] | Annotated[str, StringConstraints(pattern=QUANTITY)]
+LabelValue = Annotated[str, StringConstraints(max_length=63, pattern=LABEL_VALUE)]
 
 
 # The CRD's pattern admits any exponent; the API server then spends minutes and gigabytes
@@ -101,8 +106,8 @@ _EXPONENT = re.compile(r"[eE][+-]?([0-9]+)")
 
 
 class Resources(_Model):
-    requests: dict[str, Quantity] = {}
-    limits: dict[str, Quantity] = {}
+    requests: dict[str, Quantity] = Field({}, max_length=32)
+    limits: dict[str, Quantity] = Field({}, max_length=32)
 
     @field_validator("requests", "limits")
     @classmethod
@@ -115,10 +120,10 @@ class Resources(_Model):
 
 
 class Toleration(_Model):
-    key: str | None = None
+    key: str | None = Field(None, max_length=317, pattern=TOLERATION_KEY)
     operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    value: LabelValue | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute", ""] | None = None
     toleration_seconds: int | None = None
 
 
@@ -126,10 +131,10 @@ class PodPlacement(_Model):
     """What the serving pods and the Job's pod share: resources and where they may run."""
 
     resources: Resources = Resources()
-    node_selector: dict[str, str] = {}
-    tolerations: list[Toleration] = []
-    pod_annotations: dict[str, str] = {}
-    pod_labels: dict[str, str] = Field({}, max_length=64)
+    node_selector: dict[str, LabelValue] = Field({}, max_length=64)
+    tolerations: list[Toleration] = Field([], max_length=64)
+    pod_annotations: dict[str, str] = Field({}, max_length=64)
+    pod_labels: dict[str, LabelValue] = Field({}, max_length=64)
 
     @model_validator(mode="after")
     def _reserved_labels(self) -> PodPlacement:
@@ -161,7 +166,7 @@ class Strategy(_Model):
 class Serving(PodPlacement):
     enabled: bool = True
     replicas: int = Field(1, ge=0, le=1000)
-    served_model_name: str | None = Field(None, max_length=253)
+    served_model_name: str | None = Field(None, max_length=253, pattern=NO_CONTROL)
     max_model_len: int | None = Field(None, ge=16, le=1048576)
     max_batch_size: int | None = Field(None, ge=1, le=4096)
     placement: Literal["single", "spread"] = "single"
