@@ -12,8 +12,9 @@ from qmodel_operator import estimator as est
 from qmodel_operator import jobs
 from qmodel_operator import serving as sv
 from qmodel_operator.gpu import gpu_classes, gpu_node
+from qmodel_operator.podspec import merge_resources
 from qmodel_operator.revision import revision
-from qmodel_operator.spec import ModelFacts, QuantizedModelSpec
+from qmodel_operator.spec import ModelFacts, QuantizedModelSpec, Resources, quantity_value
 
 
 def _env(container: dict) -> dict[str, dict]:
@@ -259,3 +260,52 @@ def test_examples_parse_and_build(example):
     spec = QuantizedModelSpec.model_validate(body["spec"])
     job = jobs.build_quantize_job(REF, spec, revision(spec), settings(), spec.jobs.gpu.min_memory_mib)
     assert job["spec"]["template"]["spec"]["containers"][0]["env"][0]["name"] == "QMODEL_JOB_INPUT"
+
+
+# --- resources: the operator's defaults under the spec's ---------------------------------------
+
+DEFAULTS = {"requests": {"cpu": "2", "memory": "16Gi"}, "limits": {"memory": "32Gi"}}
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("1.5Gi", 1610612736),
+        ("100m", 0.1),
+        ("+1500m", 1.5),
+        ("1e3", 1000),
+        (".5Ki", 512),
+        (7, 7),
+        ("2E-1", 0.2),
+    ],
+)
+def test_quantity_value_reads_every_suffix(text, value):
+    assert float(quantity_value(text)) == pytest.approx(value)
+
+
+def test_quantity_value_refuses_what_is_not_a_quantity():
+    with pytest.raises(ValueError, match="is not a Kubernetes quantity"):
+        quantity_value("12 GiB")
+
+
+@pytest.mark.parametrize(
+    ("spec", "requests", "limits"),
+    [
+        # Within the defaults: merged key by key.
+        ({"requests": {"memory": "24Gi"}}, {"cpu": "2", "memory": "24Gi"}, {"memory": "32Gi"}),
+        # A request over the default limit raises the limit with it.
+        ({"requests": {"memory": "64Gi"}}, {"cpu": "2", "memory": "64Gi"}, {"memory": "64Gi"}),
+        # A limit under the default request lowers the request with it.
+        ({"limits": {"memory": "8Gi"}}, {"cpu": "2", "memory": "8Gi"}, {"memory": "8Gi"}),
+        # Equal amounts written differently are no conflict.
+        ({"limits": {"memory": "17179869184"}}, {"cpu": "2", "memory": "16Gi"}, {"memory": "17179869184"}),
+        ({"requests": {"cpu": "500m"}, "limits": {"cpu": 1}}, {"cpu": "500m", "memory": "16Gi"}, None),
+    ],
+)
+def test_defaults_never_contradict_the_spec(spec, requests, limits):
+    merged = merge_resources(DEFAULTS, Resources.model_validate(spec), gpus=1)
+    assert merged["requests"] == {**requests, "nvidia.com/gpu": 1}
+    expected_limits = limits if limits is not None else {"memory": "32Gi", **spec["limits"]}
+    assert merged["limits"] == {**expected_limits, "nvidia.com/gpu": 1}
+    for key in merged["requests"].keys() & merged["limits"].keys():
+        assert quantity_value(merged["requests"][key]) <= quantity_value(merged["limits"][key])

@@ -72,8 +72,8 @@ def compare(crd: dict, py: dict, defs: dict, path: str, *, values: bool = True) 
         if _bounds(crd) != _bounds(integer if _kind(crd) == "int-or-string" else py):
             problems.append(f"{path}: bounds {_bounds(crd)} vs {_bounds(py)}")
         for key in LIMITS:
-            if key == "pattern" and _kind(crd) == "int-or-string":
-                continue  # the pattern sits on the string branch in the model (checked below)
+            if key in ("pattern", "maxLength") and _kind(crd) == "int-or-string":
+                continue  # these sit on the string branch in the model (checked below)
             if crd.get(key) != py.get(key):
                 problems.append(f"{path}: {key} {crd.get(key)!r} vs {py.get(key)!r}")
         if crd.get("nullable") and not py.get("nullable"):
@@ -84,8 +84,9 @@ def compare(crd: dict, py: dict, defs: dict, path: str, *, values: bool = True) 
             problems.append(f"{path}: required {crd.get('required')} vs {py.get('required')}")
     if _kind(crd) == "int-or-string" and values:
         string = next((o for o in py.get("anyOf", []) if o.get("type") == "string"), {})
-        if crd.get("pattern") != string.get("pattern"):
-            problems.append(f"{path}: quantity pattern differs")
+        for key in ("pattern", "maxLength"):
+            if crd.get(key) != string.get(key):
+                problems.append(f"{path}: quantity {key} {crd.get(key)!r} vs {string.get(key)!r}")
     problems += _compare_children(crd, py, defs, path, values)
     return problems
 

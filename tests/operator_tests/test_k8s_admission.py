@@ -202,6 +202,33 @@ CHILD_CASES = [
         spec_body(serving={"resources": {"requests": {"kubernetes.io/x": 1}}}),
         "resource names must be",
     ),
+    (
+        "extended-request-alone",
+        spec_body(jobs={"resources": {"requests": {"example.com/widget": 1}}}),
+        "a request for one needs a limit of the same amount",
+    ),
+    (
+        "extended-request-differs",
+        spec_body(
+            serving={"resources": {"requests": {"hugepages-2Mi": "4Mi"}, "limits": {"hugepages-2Mi": "8Mi"}}}
+        ),
+        "hugepages and extended resources cannot be overcommitted",
+    ),
+    (
+        "request-over-limit",
+        spec_body(jobs={"resources": {"requests": {"memory": "2Gi"}, "limits": {"memory": "1.5Gi"}}}),
+        "a request may not exceed its limit",
+    ),
+    (
+        "extended-fraction",
+        spec_body(serving={"resources": {"limits": {"example.com/widget": "1500m"}}}),
+        "extended resources (such as nvidia.com/gpu) are counted in whole units",
+    ),
+    (
+        "hugepages-multiple",
+        spec_body(jobs={"resources": {"limits": {"hugepages-2Mi": "3Mi"}}}),
+        "a hugepages-<size> amount must be a whole multiple of its page size",
+    ),
     ("uri-control", spec_body(source={"uri": "s3://models/a\x01b/"}), "spec.source.uri: Invalid value"),
     ("uri-del", spec_body(artifacts={"uri": "file:///a\x7fb/"}), "spec.artifacts.uri: Invalid value"),
     ("served-name", spec_body(serving={"servedModelName": "a\x1bb"}), "spec.serving.servedModelName"),
@@ -226,8 +253,9 @@ def test_what_a_child_may_carry_is_accepted_up_to_the_limits(models):
         {"key": "k", "value": "v", "effect": "NoExecute", "tolerationSeconds": 0},
     ]
     resources = {
-        "requests": {"cpu": "+1.5", "memory": "1e99", "ephemeral-storage": ".5Gi", "hugepages-2Mi": 0},
-        "limits": {"memory": "64Gi", "example.com/widget": 2, "cpu": "2E-07"},
+        "requests": {"cpu": "1.5", "memory": "1e9", "ephemeral-storage": ".5Gi", "hugepages-2Mi": "4Mi"},
+        # Equal amounts written differently; a limit alone for an extended resource.
+        "limits": {"memory": "1G", "hugepages-2Mi": "4194304", "example.com/widget": 2, "cpu": "+1500m"},
     }
     spec = spec_body(
         source={"uri": "s3://models/smollm2/ü€/", "credentialsSecret": "s3.creds-1"},

@@ -128,6 +128,22 @@ def test_serving_only_change_rolls_without_a_new_job(models, qm_operator):
     assert models.status("rolling")["serving"]["readyReplicas"] == 2
 
 
+# Text the API server holds, that its YAML reader (server-side apply reads the body as YAML)
+# refused as Python's default JSON wrote it: a non-BMP character (a surrogate-pair escape), and,
+# written raw, C1 controls, DEL, NEL and the Unicode line separators. The fuzz test found it.
+ODD_TEXT = "emoji \U0001f600, C1 \x85\x9f, DEL \x7f, separators \u2028\u2029, BOM \ufeff, tab\t."
+
+
+def test_any_text_the_api_server_holds_reaches_the_children(models, qm_operator):
+    serving = {"podAnnotations": {"example.com/note": ODD_TEXT}, "servedModelName": "smol \U0001f600"}
+    models.create("odd", with_result(spec_body(serving=serving), "odd"))
+    _ready(models, "odd", qm_operator)
+    (deployment,) = models.deployments()
+    assert deployment.spec.template.metadata.annotations["example.com/note"] == ODD_TEXT
+    args = deployment.spec.template.spec.containers[0].args
+    assert args[args.index("--served-model-name") + 1] == "smol \U0001f600"
+
+
 def test_spread_sizes_one_deployment_per_gpu_class(models, qm_operator):
     models.create("spread", with_result(spec_body(serving={"placement": "spread"}), "spread"))
     _ready(models, "spread", qm_operator)

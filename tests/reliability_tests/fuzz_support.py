@@ -20,6 +20,8 @@ from typing import Any
 import yaml
 from hypothesis import strategies as st
 
+from qmodel_operator.spec import quantity_value
+
 REPO = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO / "crds" / "quantizedmodel.yaml"
 INT64 = (-(2**63), 2**63 - 1)
@@ -135,7 +137,30 @@ def satisfy_rules(spec: Spec) -> Spec:
             del labels[key]
         for toleration in (spec.get(section) or {}).get("tolerations") or ():
             _satisfy_toleration(toleration)
+        resources = (spec.get(section) or {}).get("resources")
+        if resources:
+            _satisfy_resources(resources)
     return spec
+
+
+NATIVE = ("cpu", "memory", "ephemeral-storage")
+
+
+def _satisfy_resources(resources: dict[str, Any]) -> None:
+    """core/v1's resource rules, as the CRD's CEL rules state them: whole extended resources,
+    hugepages in whole pages, no overcommitted extended resource, no request over its limit."""
+    for part in ("requests", "limits"):
+        for key in list(resources.get(part) or {}):
+            if "/" in key:
+                resources[part][key] = 2
+            elif key.startswith("hugepages-"):
+                resources[part][key] = "4Mi"
+    requests, limits = resources.get("requests") or {}, resources.get("limits")
+    for key, value in requests.items():
+        bounded = limits is not None and key in limits
+        if key not in NATIVE or (bounded and quantity_value(value) > quantity_value(limits[key])):
+            resources.setdefault("limits", {})[key] = value
+            limits = resources["limits"]
 
 
 def _satisfy_toleration(toleration: dict[str, Any]) -> None:
@@ -317,6 +342,18 @@ for _section in ("serving", "jobs"):
             (_section, "resources", _kind),
             {"gpu": 1},
         )
+    _resources = (_section, "resources")
+    _rule(_resources, "hugepages and extended resources", _resources, {"requests": {"example.com/widget": 1}})
+    _rule(_resources, "a request may not exceed", _resources,
+          {"requests": {"memory": "2Gi"}, "limits": {"memory": "1.5Gi"}})  # fmt: skip
+    _rule((*_resources, "limits"), "extended resources (such", (*_resources, "limits"),
+          {"example.com/widget": "1500m"})  # fmt: skip
+    _rule((*_resources, "limits"), "a hugepages-<size> amount", (*_resources, "limits"),
+          {"hugepages-2Mi": "3Mi"})  # fmt: skip
+    _rule((*_resources, "requests"), "extended resources (such", (*_resources, "requests"),
+          {"example.com/widget": "1500m"})  # fmt: skip
+    _rule((*_resources, "requests"), "a hugepages-<size> amount", (*_resources, "requests"),
+          {"hugepages-2Mi": "3Mi"})  # fmt: skip
     for _start, _broken in _TOLERATIONS_BROKEN.items():
         _rule((_section, "tolerations", "[]"), _start, (_section, "tolerations", "[]"), _broken)
     _key = (_section, "tolerations", "[]", "key")

@@ -144,9 +144,7 @@ def test_valid_specs_are_accepted_and_the_operator_model_agrees(admitted):
         try:
             QuantizedModelSpec.model_validate(o.spec)
         except ValueError as e:
-            # The one place the operator is stricter than the CRD (a status says why): exponents.
-            if "has an exponent beyond e99" not in str(e):
-                disagree.append(f"{o.name}: {e}\n  spec: {o.spec}")
+            disagree.append(f"{o.name}: {e}\n  spec: {o.spec}")
     assert not disagree, "the operator's spec model refuses what the CRD accepts:\n" + "\n".join(disagree[:5])
     assert len(valid) >= SPECS // 3 and len(admitted) == SPECS
     FIGURES.update({"specs generated": len(admitted), "valid": len(valid)})
@@ -163,10 +161,7 @@ def real_sample(admitted: list[Outcome], count: int) -> list[tuple[str, dict[str
     sample = []
     for i, spec in enumerate(valid[::step][:count]):
         name = f"fz-real-{i}"
-        try:
-            spec = with_result(spec, name, baseline=14.09, quantized=14.30)
-        except ValueError:  # the operator refuses it too (a huge exponent): no result to plant
-            pass
+        spec = with_result(spec, name, baseline=14.09, quantized=14.30)
         serving = spec.get("serving")
         if serving and serving.get("replicas", 1) > MAX_REPLICAS:
             spec = {**spec, "serving": {**serving, "replicas": MAX_REPLICAS}}
@@ -217,6 +212,10 @@ def test_valid_specs_are_reconciled_without_exceptions(admitted, bed, fuzz_names
     FIGURES.update({"reconciled": len(sample), "exceptions": len(found)})
     print("\n" + fs.table([("QuantizedModel specs: API server, then operator", FIGURES)]))
     print(f"phases of the {len(sample)} created: {dict(phases)}")
+    for name, _ in sample:
+        if models.status(name)["phase"] == "Failed":
+            ready = models.condition(name, "Ready")
+            print(f"  {name} Failed: {ready.get('reason')}: {ready.get('message', '')[:300]}")
     print("runtime API: tests/runtime_tests/test_serve_limits.py::test_no_generated_input_makes_a_5xx")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -35,6 +36,20 @@ PLURALS = {
 }
 Login = Callable[[], Awaitable[kopf.ConnectionInfo]]
 Observe = Callable[[str, str, float], None]  # (verb, resource, seconds) of each finished call
+
+
+# Characters a JSON body may carry raw but the API server's YAML reader (server-side apply reads
+# the body as YAML) refuses or reads as a line break: C1 controls and DEL, NEL, the line and
+# paragraph separators, BOM and the non-characters. Python escapes non-BMP characters as
+# surrogate pairs, which that reader refuses too, so the body is written as UTF-8 with these
+# few escaped instead.
+_YAML_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\ufeff\ufffe\uffff\ud800-\udfff]")
+
+
+def encode_body(body: Any) -> bytes:
+    """JSON that the API server reads the same as JSON and as YAML, for any text it can hold."""
+    text = json.dumps(body, ensure_ascii=False)
+    return _YAML_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text).encode()
 
 
 class ApiError(Exception):
@@ -118,7 +133,7 @@ class KubeApi:
     ) -> Any:
         """One API call; returns the decoded JSON answer, raises ApiError otherwise."""
         started = time.monotonic()
-        data = json.dumps(body) if body is not None else None
+        data = encode_body(body) if body is not None else None
         headers = {"Content-Type": content_type} if body is not None else {}
         for attempt in (1, 2):
             session = await self._connect()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qmodel_operator.gpu import GPU_RESOURCE, MEMORY_LABEL, PRODUCT_LABEL
-from qmodel_operator.spec import PodPlacement, Resources, Toleration
+from qmodel_operator.spec import PodPlacement, Resources, Toleration, quantity_value
 
 GROUP = "qmodel.dev"
 API_VERSION = f"{GROUP}/v1alpha1"
@@ -138,15 +138,24 @@ def base_env(pvc_root: str) -> list[dict[str, Any]]:
 
 
 def merge_resources(defaults: Mapping[str, Any], spec: Resources, gpus: int) -> dict[str, Any]:
-    """The operator's defaults, overridden key by key by the spec, with the GPU count set."""
-    out: dict[str, Any] = {}
-    for part in ("requests", "limits"):
-        merged = {**(defaults.get(part) or {}), **getattr(spec, part)}
-        if gpus:
-            merged[GPU_RESOURCE] = gpus
-        if merged:
-            out[part] = merged
-    return out
+    """The operator's defaults, overridden key by key by the spec, with the GPU count set.
+
+    A default never contradicts the spec: a request above the default limit raises that limit,
+    and a limit below the default request lowers that request (the API server would refuse a
+    request over its limit). Both sides given in the spec are the CRD's to check.
+    """
+    requests = {**(defaults.get("requests") or {}), **spec.requests}
+    limits = {**(defaults.get("limits") or {}), **spec.limits}
+    for key in requests.keys() & limits.keys():
+        if quantity_value(requests[key]) <= quantity_value(limits[key]):
+            continue
+        if key in spec.requests and key not in spec.limits:
+            limits[key] = requests[key]
+        elif key in spec.limits and key not in spec.requests:
+            requests[key] = limits[key]
+    if gpus:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = gpus
+    return {part: merged for part, merged in (("requests", requests), ("limits", limits)) if merged}
 
 
 def gpu_affinity(
