@@ -170,3 +170,18 @@ def test_pod_status_reports_ip_readiness_and_termination():
         POD, [], [up], initialized=True, pod_ip="127.201.0.9", host_ip="127.0.0.1", start_time="t0"
     )
     assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "True"
+
+
+def test_image_folders_a_volume_would_hide_are_bound_back_on_top():
+    # The charts mount an emptyDir at /tmp; a checkout under /tmp holds the "image" (venv, sources).
+    binds = [spec.Mount("/node/pods/a/tmp", "/tmp/"), spec.Mount("/node/pods/a/data", "/data")]
+    image = ["/tmp/ci/.venv", "/tmp/ci", "/work/other", "/tmpfoo/.venv"]
+    assert spec.image_binds(binds, image) == [  # outermost first
+        spec.Mount("/tmp/ci", "/tmp/ci", True),
+        spec.Mount("/tmp/ci/.venv", "/tmp/ci/.venv", True),
+    ]
+    assert spec.image_binds(binds, ["/data"]) == [spec.Mount("/data", "/data", True)]
+    assert spec.image_binds([], image) == []
+    # Without mount namespaces the rewrite leaves the image's paths where they are.
+    assert spec.rewrite("/tmp/ci/.venv/bin", binds + spec.image_binds(binds, image)) == "/tmp/ci/.venv/bin"
+    assert spec.rewrite("/tmp/x", binds + spec.image_binds(binds, image)) == "/node/pods/a/tmp/x"

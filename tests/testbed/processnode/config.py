@@ -33,6 +33,12 @@ class ProcessNodeConfig:
     pods: str = "32"
     isolation: str = "auto"  # "mount" (private mount namespace + overlay root), "none", or "auto"
     venv_bin: str = field(default_factory=lambda: str(Path(sys.executable).parent))
+    # The "image": the virtualenv and the checkout its editable installs point into. A volume
+    # mounted over one of them (the charts' emptyDir at /tmp, with the checkout under /tmp) would
+    # hide Python from the pod; these are bound back on top, read-only, as an image's files would be.
+    image_dirs: tuple[str, ...] = field(
+        default_factory=lambda: (sys.prefix, str(Path(__file__).resolve().parents[3]))
+    )
     heartbeat_seconds: float = 10.0
     # The node's env vars that its pods inherit, as an image's ENV would set them.
     env_passthrough: tuple[str, ...] = ("QMODEL_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -51,4 +57,6 @@ class ProcessNodeConfig:
     def from_json(cls, data: dict) -> ProcessNodeConfig:
         data = dict(data)
         data["env_passthrough"] = tuple(data.get("env_passthrough", ()))
+        if "image_dirs" in data:
+            data["image_dirs"] = tuple(data["image_dirs"])
         return cls(**data)

@@ -167,6 +167,7 @@ class PodWorker(threading.Thread):
         p.term_file.write_bytes(b"")
         p.log_file = self.dir / f"{c['name']}.log"
         binds.append(spec.Mount(str(p.term_file), c.get("terminationMessagePath") or "/dev/termination-log"))
+        binds += spec.image_binds(binds, self.ctx.cfg.image_dirs)
         cwd = c.get("workingDir") or "/"
         if self.ctx.isolation == "none":
             argv = [spec.rewrite(a, binds) for a in argv]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 Lookup = Callable[[str, str], "dict | None"]  # (kind "ConfigMap"|"Secret", name) -> object or None
@@ -207,6 +207,17 @@ def mounts(container: dict, volume_dirs: dict[str, str]) -> list[Mount]:
             source = f"{source.rstrip('/')}/{vm['subPath']}"
         out.append(Mount(source=source, target=vm["mountPath"], read_only=bool(vm.get("readOnly"))))
     return out
+
+
+def image_binds(binds: list[Mount], image_dirs: Iterable[str]) -> list[Mount]:
+    """The image's folders that one of ``binds`` would hide, bound back on top of it read-only."""
+    hidden = sorted((d for d in image_dirs if any(_under(d, b.target) for b in binds)), key=len)
+    return [Mount(source=d, target=d, read_only=True) for d in hidden]
+
+
+def _under(path: str, mount_path: str) -> bool:
+    base = mount_path.rstrip("/")
+    return path == base or path.startswith(base + "/")
 
 
 def rewrite(value: str, binds: list[Mount]) -> str:
