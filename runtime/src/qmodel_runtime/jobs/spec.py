@@ -24,14 +24,14 @@ KIND = "QuantizeJobInput"
 
 # The CRD's patterns, verbatim.
 STORAGE_URI = (
-    r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/\S*)?|file:///\S*"
-    r"|pvc://[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?(/\S*)?)$"
+    r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\x00-\x20\x7f-\x9f]*)?|file:///[^\x00-\x20\x7f-\x9f]*"
+    r"|pvc://[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?(/[^\x00-\x20\x7f-\x9f]*)?)$"
 )
 DATASET = (
     r"^(wiki-vital|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/\S+|file:///\S+"
     r"|pvc://[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?/\S+)$"
 )
-SECRET_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+SECRET_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 # A DNS label: the revision and the model name become path segments and label values.
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 
