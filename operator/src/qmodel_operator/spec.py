@@ -26,7 +26,9 @@ DATASET = (
     r"|pvc://[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?/\S+)$"
 )
 SECRET_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-# Non-negative, and exponents of at most two digits (see quantity_value).
+# Non-negative, and exponents of at most two digits: given "1e-7907297307251171", which an
+# earlier pattern admitted, the API server spent minutes and gigabytes comparing it with a limit
+# and never answered the Job's create (tests/reliability_tests/test_bad_input.py: 4.7 GB in 3 min).
 QUANTITY = r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?[0-9]{1,2}))?$"
 # Kubernetes label values, and toleration keys (a label key, or empty).
 LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
@@ -99,9 +101,7 @@ Quantity = Annotated[int, Field(ge=0)] | Annotated[str, StringConstraints(max_le
 LabelValue = Annotated[str, StringConstraints(max_length=63, pattern=LABEL_VALUE)]
 
 
-# Exponents are bounded: given "1e-7907297307251171", which the pattern once admitted, the API
-# server spent minutes and gigabytes comparing it with a limit and never answered the Job's
-# create (found by tests/reliability_tests/test_bad_input.py: 4.7 GB in 3 minutes).
+# What each quantity suffix multiplies by: binary (Ki..Ei) and decimal (n..E).
 _SUFFIXES = {
     **{s: Decimal(1024) ** (i + 1) for i, s in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))},
     **{s: Decimal(1000) ** (i - 3) for i, s in enumerate(("n", "u", "m", "", "k", "M", "G", "T", "P", "E"))},
