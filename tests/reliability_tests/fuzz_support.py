@@ -37,7 +37,8 @@ LABEL_KEY = (
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
     r"([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9]$"
 )
-RESOURCE_NAMES = ("cpu", "memory", "ephemeral-storage", "hugepages-2Mi", "example.com/widget")
+NATIVE = ("cpu", "memory", "ephemeral-storage")
+RESOURCE_NAMES = (*NATIVE, "hugepages-2Mi", "example.com/widget")
 
 Path_ = tuple[str, ...]  # keys from spec down; "[]" is the first item of a list
 Spec = dict[str, Any]
@@ -143,9 +144,6 @@ def satisfy_rules(spec: Spec) -> Spec:
     return spec
 
 
-NATIVE = ("cpu", "memory", "ephemeral-storage")
-
-
 def _satisfy_resources(resources: dict[str, Any]) -> None:
     """core/v1's resource rules, as the CRD's CEL rules state them: whole extended resources,
     hugepages in whole pages, no overcommitted extended resource, no request over its limit."""
@@ -155,12 +153,10 @@ def _satisfy_resources(resources: dict[str, Any]) -> None:
                 resources[part][key] = 2
             elif key.startswith("hugepages-"):
                 resources[part][key] = "4Mi"
-    requests, limits = resources.get("requests") or {}, resources.get("limits")
-    for key, value in requests.items():
-        bounded = limits is not None and key in limits
-        if key not in NATIVE or (bounded and quantity_value(value) > quantity_value(limits[key])):
+    for key, value in (resources.get("requests") or {}).items():
+        limit = (resources.get("limits") or {}).get(key)
+        if key not in NATIVE or (limit is not None and quantity_value(value) > quantity_value(limit)):
             resources.setdefault("limits", {})[key] = value
-            limits = resources["limits"]
 
 
 def _satisfy_toleration(toleration: dict[str, Any]) -> None:
