@@ -9,6 +9,7 @@ qmodel_runtime.storage upload``), against a real versitygw that is killed and re
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -28,14 +29,17 @@ from operator_tests.k8s_support import (
     wait_for,
     with_result,
 )
-from operator_tests.support import deployment, make_spec, observed, result_message, spec_body
+from operator_tests.support import A100, L4, REF, deployment, make_spec, observed, result_message, spec_body
 from operator_tests.support import job as job_state
 from operator_tests.support import settings as operator_settings
+from operator_tests.test_lifecycle import ready_world
 from reliability_tests.chaos_support import Bed, converged, running_bed
 from runtime_tests.storage.storage_support import flip_byte
 
-from qmodel_operator import lifecycle, podhealth
+from qmodel_operator import lifecycle, podhealth, reconciler
+from qmodel_operator.metrics import Metrics
 from qmodel_operator.observed import PodOutcome
+from qmodel_operator.podspec import LABEL_DEPLOYMENT
 from qmodel_operator.results import kill_note
 from qmodel_operator.spec import QuantizedModelSpec
 from qmodel_runtime import manifest as mf
@@ -332,10 +336,22 @@ def test_gpu_node_removed_while_serving_is_reported_and_the_pod_moves(bed: Bed) 
     assert models.status("served")["phase"] == "Deploying"
     assert models.condition("served", "Ready")["status"] == "False"
     assert len(models.deployments()) == 1  # held, not torn down: the class may come back
+    # The pod left on gpud-0 is still Ready in the API server (its Deployment says 1/1), but the
+    # operator does not count it: nothing serves.
+    assert models.status("served")["serving"]["readyReplicas"] == 0
 
     core.patch_node(spare, {"spec": {"unschedulable": False}})
     # The pod on the vanished node goes when the pod garbage collector gives up on the node (40 s
-    # quarantine, checked every 20 s); the ReplicaSet's new pod then lands on the spare.
+    # quarantine, checked every 20 s); the ReplicaSet's new pod then lands on the spare. Until
+    # then the D class is back, but the operator says why the model is not Ready again.
+    stranded = wait_for(
+        lambda: "no longer a GPU node" in (c := models.condition("served", "Serving"))["message"] and c,
+        "Serving naming the pod left on gpud-0",
+        30,
+        bed.operator,
+    )
+    assert stranded["reason"] == "PodsNotReady" and "on node gpud-0" in stranded["message"], stranded
+    assert models.status("served")["phase"] == "Deploying"
     wait_for(lambda: _ready_on(models, "served", spare), f"a ready pod on {spare}", 150, bed.operator)
     wait_for(lambda: converged(models.get("served"), "Ready"), "Ready again, 1/1", 60, bed.operator)
     moved = time.monotonic() - t0
@@ -402,3 +418,140 @@ def test_serving_condition_carries_the_pod_problem_while_pods_are_short() -> Non
                        if c.type == "Serving")  # fmt: skip
         assert (problem in serving.message) is expected, serving.message
     assert not lifecycle.server_pods_needed(replace(world, deleting=True))
+
+
+# --- the pure parts and the reconciler: a pod left on a vanished node does not serve ------------
+
+
+def _server_pod_body(name: str, node: str | None, ready: bool = True, deleting: bool = False) -> dict:
+    meta: dict = {"name": name, "labels": {LABEL_DEPLOYMENT: "smollm2"}}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-11-23T18:00:00Z"
+    status = {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
+    return {"metadata": meta, "spec": {"nodeName": node} if node else {}, "status": status}
+
+
+def test_a_ready_pod_whose_node_is_gone_is_stranded() -> None:
+    pods = [
+        _server_pod_body("m-b", "gone"),
+        _server_pod_body("m-a", "gone"),
+        _server_pod_body("m-c", L4.name),  # on a GPU node that is still there
+        _server_pod_body("m-d", "gone", ready=False),  # not counted ready anyway
+        _server_pod_body("m-e", "gone", deleting=True),  # terminating: not counted either
+        _server_pod_body("m-f", None, ready=False),  # not scheduled
+    ]
+    stranded = podhealth.stranded(pods, [A100.name, L4.name])
+    assert [p["metadata"]["name"] for p in stranded] == ["m-a", "m-b"]
+    assert podhealth.stranded_problem(stranded) == (
+        "pod m-a is on node gone, which is no longer a GPU node of the cluster; it is not serving, "
+        "and Kubernetes deletes it when its pod garbage collector gives up on the node (and 1 more pods)"
+    )
+    assert podhealth.stranded(pods, ["gone", L4.name]) == []
+    assert podhealth.stranded_problem([]) is None
+
+
+def test_a_stranded_pod_does_not_count_as_serving() -> None:
+    world, plan = ready_world()
+    assert plan.status.phase == "Ready"
+    (dep,) = world.deployments
+    assert lifecycle.server_pods_needed(world, nodes_lost=True)
+    assert not lifecycle.server_pods_needed(world)  # all ready, no node lost: no pod read
+    here = next(n.name for n in world.gpu_nodes if n.memory_mib == L4.memory_mib)
+    kept, stranded = lifecycle.with_server_pods(world, [_server_pod_body(f"{dep.name}-1", here)])
+    assert stranded == 0 and kept == world  # on a node that is still there: nothing changes
+
+    # One replica, left on a vanished node: nothing serves. Two, one of them left: rolling out.
+    for replicas, reason in ((1, "PodsNotReady"), (2, "RollingOut")):
+        world, plan = ready_world(make_spec(serving={"replicas": replicas}))
+        (dep,) = world.deployments
+        full = {"replicas": replicas, "ready_replicas": replicas, "updated_replicas": replicas}
+        world = replace(world, deployments=(replace(dep, available_replicas=replicas, **full),))
+        assert lifecycle.decide(world, operator_settings()).status.phase == "Ready"
+        pods = [_server_pod_body(f"{dep.name}-1", "gpu-gone-0"), _server_pod_body(f"{dep.name}-2", here)]
+        seen, stranded = lifecycle.with_server_pods(world, pods[:replicas])
+        assert stranded == 1 and seen.deployments[0].ready_replicas == replicas - 1
+        decided = lifecycle.decide(seen, operator_settings()).status
+        serving = decided.condition("Serving")
+        assert (decided.phase, serving.reason) == ("Deploying", reason), serving.message
+        assert f"pod {dep.name}-1 is on node gpu-gone-0, which is no longer a GPU node" in serving.message
+        assert f"{replicas - 1}/{replicas} pods ready" in serving.message
+        assert decided.serving.ready_replicas == replicas - 1
+        assert lifecycle.server_pods_needed(seen)  # short of ready pods: looked at again later
+
+
+class _ServingApi:
+    """A stand-in for KubeApi (the decision is what is under test; the e2e test above runs it on a
+    real API server): serves the model's pods and records the pod reads and status writes."""
+
+    def __init__(self, pods: list[dict]) -> None:
+        self.pods, self.pod_reads, self.statuses = pods, 0, []
+
+    async def list(self, api_version, kind, namespace, selector):
+        assert kind == "Pod" and "app.kubernetes.io/component=server" in selector
+        self.pod_reads += 1
+        return self.pods
+
+    async def set_status(self, namespace, name, status):
+        self.statuses.append(status)
+        meta = {"name": name, "namespace": namespace, "uid": REF.uid, "generation": 1}
+        return {"metadata": {**meta, "resourceVersion": str(100 + len(self.statuses))}, "status": status}
+
+    async def post_event(self, ref, type_, reason, message, now):
+        pass
+
+
+class _WorldIndexes:
+    def __init__(self, world) -> None:
+        self.world, self.nodes = world, list(world.gpu_nodes)
+
+    def jobs(self, key):
+        return list(self.world.jobs)
+
+    def deployments(self, key):
+        return list(self.world.deployments)
+
+    def services(self, key):
+        return [self.world.service]
+
+    def gpu_nodes(self):
+        return list(self.nodes)
+
+
+def test_the_reconciler_reads_pods_once_after_a_node_goes_and_stops_counting_those_left_on_it() -> None:
+    world, plan = ready_world()
+    (dep,) = world.deployments
+    extra = replace(L4, name="gpu-l4-1")
+    world = replace(world, gpu_nodes=(*world.gpu_nodes, extra))
+    api = _ServingApi([_server_pod_body(f"{dep.name}-1", extra.name)])
+    indexes = _WorldIndexes(world)
+    meta = {"name": REF.name, "namespace": REF.namespace, "uid": REF.uid, "generation": 1}
+    body = {
+        "metadata": {
+            **meta,
+            "resourceVersion": "1",
+        },
+        "spec": world.spec.model_dump(by_alias=True, exclude_none=True),
+        "status": plan.status.to_body(),
+    }
+
+    async def scenario():
+        rec = reconciler.Reconciler(api=api, settings=operator_settings(), indexes=indexes, metrics=Metrics())
+        rec.gpu_nodes_changed()
+        rec.model_event("ADDED", (REF.namespace, REF.name), body)
+        await rec.idle()
+        reads = [api.pod_reads]  # a new operator reads a serving model's pods once
+        rec.kick((REF.namespace, REF.name))
+        await rec.idle()
+        reads.append(api.pod_reads)  # and not again while no node goes
+        indexes.nodes.remove(extra)
+        rec.gpu_nodes_changed()
+        await rec.idle()
+        reads.append(api.pod_reads)
+        await rec.close()
+        return reads
+
+    reads = asyncio.run(scenario())
+    assert reads == [1, 1, 2]
+    serving = next(c for c in api.statuses[-1]["conditions"] if c["type"] == "Serving")
+    assert serving["reason"] == "PodsNotReady" and "on node gpu-l4-1" in serving["message"]
+    assert api.statuses[-1]["phase"] == "Deploying"

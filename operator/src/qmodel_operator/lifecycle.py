@@ -13,14 +13,16 @@ serve (the last revision that passed) -> phase and Ready.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qmodel_operator import conditions as cond
 from qmodel_operator import estimator as est
-from qmodel_operator import gate, jobs, results
+from qmodel_operator import gate, jobs, podhealth, results
 from qmodel_operator.gpu import gpu_classes
 from qmodel_operator.observed import JobState, ObjectRef, Observed
+from qmodel_operator.podspec import LABEL_DEPLOYMENT
 from qmodel_operator.revision import revision as revision_of
 from qmodel_operator.rollout import ServingOutcome, serve
 from qmodel_operator.serving import Served, shape_of
@@ -81,12 +83,33 @@ def outcome_needed(observed: Observed) -> JobState | None:
     return job
 
 
-def server_pods_needed(observed: Observed) -> bool:
+def server_pods_needed(observed: Observed, nodes_lost: bool = False) -> bool:
     """Whether a serving Deployment is short of ready pods, so the reconciler must read the pods
-    to say why (and look again later: a restarting pod changes no Deployment status)."""
+    to say why (and look again later: a restarting pod changes no Deployment status); or, when
+    a GPU node vanished since this model's pods were last read, has ready pods that may have been
+    on it (``podhealth.stranded``)."""
     if observed.deleting or not observed.spec.serving.enabled:
         return False
+    if nodes_lost and any(d.ready_replicas > 0 for d in observed.deployments):
+        return True
     return any(d.ready_replicas < d.replicas for d in observed.deployments)
+
+
+def with_server_pods(observed: Observed, pods: list[dict[str, Any]]) -> tuple[Observed, int]:
+    """The world once the serving pods are read: stranded pods (on a vanished node) no longer
+    count as ready in their Deployment, and the Serving condition's problem says why pods are
+    short. Returns it and how many pods are stranded."""
+    lost = podhealth.stranded(pods, (n.name for n in observed.gpu_nodes))
+    per_deployment = Counter(((p["metadata"].get("labels") or {}).get(LABEL_DEPLOYMENT)) for p in lost)
+    deployments = tuple(
+        replace(d, ready_replicas=max(0, d.ready_replicas - per_deployment[d.name]))
+        if d.name in per_deployment
+        else d
+        for d in observed.deployments
+    )
+    problems = [p for p in (podhealth.stranded_problem(lost), podhealth.pods_problem(pods)) if p]
+    world = replace(observed, deployments=deployments, server_problem="; ".join(problems) or None)
+    return world, len(lost)
 
 
 def job_min_gpu_memory_mib(observed: Observed, settings: Settings, budget: est.Budget) -> int:

@@ -23,7 +23,7 @@ import aiohttp
 from pydantic import ValidationError
 
 from qmodel_operator import conditions as cond
-from qmodel_operator import jobs, lifecycle, podhealth
+from qmodel_operator import jobs, lifecycle
 from qmodel_operator import podspec as ps
 from qmodel_operator.gpu import GpuNode, gpu_classes
 from qmodel_operator.kube import ApiError, KubeApi
@@ -162,6 +162,12 @@ class Reconciler:
         self._known: set[Key] = set()
         self._own_versions: dict[Key, str] = {}
         self._gpu_signature: tuple[Any, ...] | None = None
+        # GPU node names, and a count of the times some vanished. A model whose pods were last
+        # read at an older count reads them again (``podhealth.stranded``). It starts at 1 so a
+        # restarted operator reads every serving model's pods once: it cannot know what went.
+        self._gpu_names: frozenset[str] | None = None
+        self._node_losses = 1
+        self._losses_seen: dict[Key, int] = {}
         self._rechecks: dict[Key, asyncio.TimerHandle] = {}
         # Models whose children for this generation are made while others waited, and whose
         # status and Events were left to a steady turn (generation): see ``_act``.
@@ -175,6 +181,7 @@ class Reconciler:
             self._own_versions.pop(key, None)
             self._bodies.pop(key, None)
             self._children_done.pop(key, None)
+            self._losses_seen.pop(key, None)
             self.metrics.set_phase(key, None)
             if (handle := self._rechecks.pop(key, None)) is not None:
                 handle.cancel()
@@ -207,14 +214,22 @@ class Reconciler:
                 self.kick(key)
 
     def gpu_nodes_changed(self) -> None:
-        """Node events are frequent (heartbeats); only a change of GPU classes matters."""
-        signature = gpu_classes(self.indexes.gpu_nodes())
-        if signature == self._gpu_signature:
-            return
+        """Node events are frequent (heartbeats); only a change of GPU classes matters, and a node
+        that vanished (the pods on it must stop counting as serving)."""
+        nodes = list(self.indexes.gpu_nodes())
+        names = frozenset(n.name for n in nodes)
+        lost = sorted(self._gpu_names - names) if self._gpu_names is not None else []
+        self._gpu_names = names
+        if lost:
+            self._node_losses += 1
+            log.info("GPU nodes gone: %s", ", ".join(lost))
+        signature = gpu_classes(nodes)
+        changed = signature != self._gpu_signature
         first = self._gpu_signature is None
         self._gpu_signature = signature
-        if not first:
+        if changed and not first:
             log.info("GPU classes changed: %s", ", ".join(c.name for c in signature) or "none")
+        if lost or (changed and not first):
             for key in list(self._known):
                 self.kick(key)
 
@@ -342,8 +357,11 @@ class Reconciler:
             pods = await self.api.list("v1", "Pod", namespace, f"batch.kubernetes.io/job-name={job.name}")
             container = jobs.CLEANUP_CONTAINER if observed.deleting else jobs.QUANTIZE_CONTAINER
             observed = replace(observed, pod=pod_outcome(pods, container, job.complete))
-        if lifecycle.server_pods_needed(observed):
-            observed = replace(observed, server_problem=await self._server_problem(key))
+        losses = self._node_losses
+        if lifecycle.server_pods_needed(observed, self._losses_seen.get(key, 0) != losses):
+            observed, stranded = lifecycle.with_server_pods(observed, await self._server_pods(key))
+            if not stranded:
+                self._losses_seen[key] = losses
         plan = lifecycle.decide(observed, self.settings)
         await self._act(key, body, observed, plan, urgent)
         if lifecycle.server_pods_needed(observed):
@@ -397,10 +415,10 @@ class Reconciler:
         finalizer = plan.add_finalizer or plan.remove_finalizer
         return made and bookkeeping and not finalizer and self._urgent_pending > 1
 
-    async def _server_problem(self, key: Key) -> str | None:
+    async def _server_pods(self, key: Key) -> list[dict[str, Any]]:
         namespace, name = key
         selector = f"{ps.LABEL_MODEL}={name},{ps.LABEL_COMPONENT}={ps.COMPONENT_SERVER}"
-        return podhealth.pods_problem(await self.api.list("v1", "Pod", namespace, selector))
+        return await self.api.list("v1", "Pod", namespace, selector)
 
     def _recheck_later(self, key: Key) -> None:
         """A pod that restarts or keeps waiting changes no Deployment status, so no event tells us:
