@@ -103,8 +103,6 @@ def with_server_pods(observed: Observed, pods: list[dict[str, Any]]) -> tuple[Ob
     per_deployment = Counter(((p["metadata"].get("labels") or {}).get(LABEL_DEPLOYMENT)) for p in lost)
     deployments = tuple(
         replace(d, ready_replicas=max(0, d.ready_replicas - per_deployment[d.name]))
-        if d.name in per_deployment
-        else d
         for d in observed.deployments
     )
     problems = [p for p in (podhealth.stranded_problem(lost), podhealth.pods_problem(pods)) if p]
