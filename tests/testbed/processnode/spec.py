@@ -223,7 +223,6 @@ def _under(path: str, mount_path: str) -> bool:
 def rewrite(value: str, binds: list[Mount]) -> str:
     """Without mount namespaces: a value naming a path under a mount path, moved to its host folder."""
     for b in sorted(binds, key=lambda b: -len(b.target)):
-        target = b.target.rstrip("/")
-        if value == target or value.startswith(target + "/"):
-            return b.source + value[len(target) :]
+        if _under(value, b.target):
+            return b.source + value[len(b.target.rstrip("/")) :]
     return value
