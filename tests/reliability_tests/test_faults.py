@@ -424,11 +424,12 @@ def test_serving_condition_carries_the_pod_problem_while_pods_are_short() -> Non
 
 
 def _server_pod_body(name: str, node: str | None, ready: bool = True, deleting: bool = False) -> dict:
-    meta: dict = {"name": name, "labels": {LABEL_DEPLOYMENT: "smollm2"}}
+    pod = _pod_body(name, ready)
+    pod["metadata"]["labels"] = {LABEL_DEPLOYMENT: "smollm2"}
     if deleting:
-        meta["deletionTimestamp"] = "2026-11-23T18:00:00Z"
-    status = {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
-    return {"metadata": meta, "spec": {"nodeName": node} if node else {}, "status": status}
+        pod["metadata"]["deletionTimestamp"] = "2026-11-23T18:00:00Z"
+    pod["spec"] = {"nodeName": node} if node else {}
+    return pod
 
 
 def test_a_ready_pod_whose_node_is_gone_is_stranded() -> None:
